@@ -1,0 +1,2 @@
+"""fineray: fine-tune LLMs on Ray."""
+__version__ = "0.1.0"

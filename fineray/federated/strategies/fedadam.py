@@ -1,0 +1,20 @@
+"""FedAdam server aggregation (Reddi et al. 2021, arXiv 2003.00295); see :mod:`.fedopt`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fineray.federated.strategies import fedopt
+from fineray.federated.strategies.base import AggregateResult
+
+__all__ = ["aggregate"]
+
+
+def aggregate(
+    updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any
+) -> AggregateResult:
+    """FedAdam step; keyword arguments as :func:`fedopt.aggregate` (``global_adapter`` required)."""
+    kw.pop("optimizer", None)
+    return fedopt.aggregate(updates, weights, optimizer="adam", **kw)

@@ -1,0 +1,328 @@
+"""The typed run config: one tree of pydantic models, YAML on disk, `key=value` overrides on top.
+
+Every section forbids unknown keys, so a typo (`train.lrr`) is an error that names the key instead of a
+silently ignored setting. Validation errors are re-raised as `ConfigError` with dotted key paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "LoraConfig",
+    "DatasetSpec",
+    "DataConfig",
+    "TrainConfig",
+    "ScalingConfig",
+    "OutputConfig",
+    "ClusterConfig",
+    "RunConfig",
+    "load_config",
+    "load_yaml",
+    "apply_overrides",
+    "config_hash",
+    "EMBEDDED_MODEL",
+]
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be loaded; the message names the file, key or line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to fine-tune.
+
+    Attributes:
+        base: `embedded:smollm2-135m-instruct` (shipped in a PyPI package, works offline), `tiny:llama`
+            (random-init 2-layer model for tests), a local directory, or a hub id.
+        adapter: continue training from this adapter: a registry name (`name` or `name@version`) or a path.
+        dtype: weight dtype; `auto` is bf16 on GPU and fp32 on CPU.
+        trust_remote_code: passed to transformers for hub models that need it.
+        attn_implementation: transformers attention backend (`sdpa`, `eager`, `flex_attention`, ...).
+    """
+
+    base: str = EMBEDDED_MODEL
+    adapter: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+
+
+class LoraConfig(_Section):
+    """LoRA / DoRA / QLoRA adapter shape (ignored for `method: full`)."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    init_seed: int | None = None
+
+
+class DatasetSpec(_Section):
+    """One source in a multi-task mix."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+    task_prefix: str | None = None
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text"] | None = None
+
+
+class DataConfig(_Section):
+    """Training data: files or `datasets` names, format, lengths and packing.
+
+    Attributes:
+        train: a path / dataset name, or a list of `{path, weight, task_prefix}` mixed by weight.
+        validation: a path, or a fraction in (0, 1) held out from `train`.
+        format: record format; `auto` detects it from the keys of the first record.
+        max_seq_len: longer examples are dropped (counted and reported), not truncated mid-answer.
+        train_on_prompt: compute the loss on prompt tokens too (default: response tokens only).
+        on_error: what to do with a malformed record: `fail` (default) or `skip` (counted).
+        max_examples: cap on training examples after filtering (handy for smoke runs).
+    """
+
+    train: str | list[DatasetSpec] = "fineray:support-tickets"
+    validation: str | float | None = 0.1
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text"] = "auto"
+    max_seq_len: int = Field(512, ge=8)
+    packing: bool = False
+    train_on_prompt: bool = False
+    on_error: Literal["fail", "skip"] = "fail"
+    max_examples: int | None = Field(None, ge=1)
+    system_prompt: str | None = None
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction_in_range(cls, v: str | float | None) -> str | float | None:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError("a validation fraction must be in (0, 1)")
+        return v
+
+    def sources(self) -> list[DatasetSpec]:
+        """The training sources as a list, a single path being a one-item mix."""
+        if isinstance(self.train, str):
+            return [DatasetSpec(path=self.train)]
+        return list(self.train)
+
+
+class TrainConfig(_Section):
+    """Optimisation and loop settings. Steps count optimizer updates (after gradient accumulation)."""
+
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1, description="sequences per worker per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_checkpointing: bool = False
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per eval")
+    early_stopping_patience: int | None = Field(None, ge=1)
+    seed: int = 42
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="default: at every eval")
+    max_failures: int = Field(1, ge=-1, description="worker-failure retries from the last checkpoint")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    threads_per_worker: int | None = Field(None, ge=1)
+
+
+class ScalingConfig(_Section):
+    """How many Ray Train workers and what each gets."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+
+
+class OutputConfig(_Section):
+    """Where results go: a run directory and the adapter registry (local paths or storage URIs)."""
+
+    dir: str = "runs"
+    registry: str = "adapters"
+    name: str | None = None
+    register: bool = True
+
+
+class ClusterConfig(_Section):
+    """Ray connection: empty address starts a private local Ray for this run."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation run after training (base vs tuned)."""
+
+    enabled: bool = True
+    data: str | None = None
+    max_examples: int = Field(64, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1)
+    general_text: str | None = "fineray:general-text"
+    metrics: list[str] = ["exact_match", "rouge_l", "bleu", "json_valid", "field_accuracy"]
+
+
+class RunConfig(_Section):
+    """A whole fine-tuning run. Sections are typed; extra top-level sections are owned by components
+    (`tune`, `federated`) and validated by them."""
+
+    model: ModelConfig = ModelConfig()
+    method: Literal["lora", "dora", "qlora", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    output: OutputConfig = OutputConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    eval: EvalConfig = EvalConfig()
+    tune: dict[str, Any] | None = None
+    federated: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.method == "qlora" and self.train.strategy == "deepspeed":
+            # bitsandbytes 4-bit params cannot be partitioned by ZeRO-3; ZeRO-2 would need dtype juggling.
+            raise ValueError("method=qlora cannot run with train.strategy=deepspeed; use ddp or fsdp")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (YAML-safe, default values included)."""
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+    return "\n".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, naming the file and line of a syntax error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"broken YAML at {where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML scalars give the natural types: 1e-4 -> float, true -> bool, [q_proj,v_proj] -> list.
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a plain config dict (returns a new dict)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        node = out
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def validate_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a plain dict as a RunConfig, raising ConfigError with dotted key paths."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML (or defaults when `path` is None) plus `key=value` overrides.
+
+    Relative data paths in the file are resolved against the file's folder, so a config runs from any cwd.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        data = load_yaml(path)
+        source = str(path)
+        _resolve_relative_paths(data, Path(path).resolve().parent)
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data, source)
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and p and not _is_uri_or_name(p) and not Path(p).is_absolute():
+            cand = base / p
+            if cand.exists():
+                return str(cand)
+        return p
+
+    d = data.get("data")
+    if isinstance(d, dict):
+        if isinstance(d.get("train"), list):
+            for spec in d["train"]:
+                if isinstance(spec, dict) and "path" in spec:
+                    spec["path"] = fix(spec["path"])
+        else:
+            d["train"] = fix(d.get("train"))
+        if isinstance(d.get("validation"), str):
+            d["validation"] = fix(d["validation"])
+    ev = data.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("data"), str):
+        ev["data"] = fix(ev["data"])
+    fed = data.get("federated")
+    if isinstance(fed, dict):
+        for silo in fed.get("silos") or []:
+            if isinstance(silo, dict) and isinstance(silo.get("data"), str):
+                silo["data"] = fix(silo["data"])
+
+
+def _is_uri_or_name(p: str) -> bool:
+    return "://" in p or p.startswith(("fineray:", "embedded:", "tiny:", "hf:"))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Short stable hash of a config (for job metadata and run names)."""
+    blob = json.dumps(cfg.to_dict(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

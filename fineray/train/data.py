@@ -1,0 +1,294 @@
+"""Reading training data: files and `datasets` names into normalised conversations.
+
+Every record becomes an `Example`: either a list of chat messages (`role`/`content`) or raw text. Each
+keeps `source` ("file:line") so a malformed record is reported where it is. Tokenisation and label masking
+live in `templates.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from fineray.train.config import DataConfig, DatasetSpec
+
+__all__ = [
+    "DataError",
+    "Example",
+    "BUILTIN_DATASETS",
+    "read_records",
+    "detect_format",
+    "to_example",
+    "load_examples",
+    "load_train_val",
+]
+
+FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text")
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line (or record index)."""
+
+
+@dataclass
+class Example:
+    """One normalised training example."""
+
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _builtin(name: str) -> Path:
+    return Path(str(resources.files("fineray.train") / "builtin_data" / name))
+
+
+# Datasets shipped inside the package, so the quickstart runs offline and on any cluster node.
+BUILTIN_DATASETS: dict[str, str] = {
+    "fineray:support-tickets": "support_tickets_train.jsonl",
+    "fineray:support-tickets/train": "support_tickets_train.jsonl",
+    "fineray:support-tickets/val": "support_tickets_val.jsonl",
+    "fineray:support-tickets/test": "support_tickets_test.jsonl",
+    "fineray:general-text": "general_text.jsonl",
+}
+
+
+def _resolve(path: str) -> Path | None:
+    if path in BUILTIN_DATASETS:
+        return _builtin(BUILTIN_DATASETS[path])
+    if path.startswith("fineray:"):
+        raise DataError(f"unknown built-in dataset {path!r}; known: {sorted(BUILTIN_DATASETS)}")
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    repo = path.partition(":")[0]
+    # "owner/name" (optionally ":split") without a file suffix is a `datasets` hub id; anything else is a file.
+    if repo.count("/") == 1 and not p.suffix and not path.startswith((".", "/", "~")):
+        return None
+    raise DataError(f"data file not found: {path}")
+
+
+def read_records(path: str) -> list[tuple[dict[str, Any], str]]:
+    """Read raw records with their location ("file:line").
+
+    Supports .jsonl, .json (array), .csv, .parquet, built-in `fineray:` names and `datasets` hub ids
+    (`owner/name` or `owner/name:split`).
+
+    Raises:
+        DataError: missing file, unparsable line (named by file and line), unreachable hub dataset.
+    """
+    p = _resolve(path)
+    if p is None:
+        return _read_hub(path)
+    if p.is_dir():
+        raise DataError(f"{p} is a directory; give a .jsonl, .json, .csv or .parquet file")
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        out = []
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    out.append(({"__error__": f"invalid JSON ({e.msg} at column {e.colno})"}, f"{p}:{n}"))
+                    continue
+                out.append((rec, f"{p}:{n}"))
+        return out
+    if suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{p}: a .json data file must hold a list of records")
+        return [(rec, f"{p}[{i}]") for i, rec in enumerate(data)]
+    if suffix == ".csv":
+        with p.open(encoding="utf-8", newline="") as f:
+            # Line numbers count the header as line 1, as a spreadsheet shows them.
+            return [(dict(row), f"{p}:{i + 2}") for i, row in enumerate(csv.DictReader(f))]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(p).to_pylist()
+        return [(rec, f"{p}[row {i}]") for i, rec in enumerate(rows)]
+    raise DataError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def _read_hub(name: str) -> list[tuple[dict[str, Any], str]]:
+    repo, _, split = name.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for "offline" / "not found"
+        raise DataError(
+            f"could not load dataset {name!r}: it is not a local file and the hub was not reachable or has no "
+            f"such dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    return [(dict(rec), f"{name}[{i}]") for i, rec in enumerate(ds)]
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    """Guess a record's format from its keys."""
+    if "messages" in record:
+        return "chat"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "completion"
+    if "text" in record:
+        return "text"
+    raise DataError(
+        f"cannot detect the format from keys {sorted(record)}; expected one of messages | conversations | "
+        "instruction+output | prompt+completion | text (or set data.format)"
+    )
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "model": "assistant", "bot": "assistant"}
+
+
+def _need_str(record: dict[str, Any], key: str) -> str:
+    v = record.get(key)
+    if not isinstance(v, str):
+        raise DataError(f"field {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = None,
+               task_prefix: str | None = None) -> Example:
+    """Normalise one record of format `fmt` into an Example (raises DataError without location)."""
+    if "__error__" in record:
+        raise DataError(record["__error__"])
+    if not isinstance(record, dict):
+        raise DataError(f"a record must be an object, got {type(record).__name__}")
+    if fmt == "auto":
+        fmt = detect_format(record)
+    if fmt == "text":
+        return Example(text=_need_str(record, "text"))
+    if fmt == "alpaca":
+        instr, out = _need_str(record, "instruction"), _need_str(record, "output")
+        inp = record.get("input") or ""
+        if not isinstance(inp, str):
+            raise DataError("field 'input' must be a string")
+        user = f"{instr}\n\n{inp}" if inp else instr
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+        system = record.get("system") or system_prompt
+    elif fmt == "completion":
+        msgs = [{"role": "user", "content": _need_str(record, "prompt")},
+                {"role": "assistant", "content": _need_str(record, "completion")}]
+        system = system_prompt
+    elif fmt in ("chat", "sharegpt"):
+        key, rk, ck = ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
+        turns = record.get(key)
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"field {key!r} must be a non-empty list of turns")
+        msgs, system = [], None
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or not isinstance(t.get(rk), str) or not isinstance(t.get(ck), str):
+                raise DataError(f"{key}[{i}] must have string fields {rk!r} and {ck!r}")
+            role = t[rk] if fmt == "chat" else _SHAREGPT_ROLES.get(t[rk].lower())
+            if role not in ("system", "user", "assistant"):
+                raise DataError(f"{key}[{i}].{rk}: unknown role {t[rk]!r}")
+            msgs.append({"role": role, "content": t[ck]})
+        if msgs[0]["role"] == "system":
+            system = msgs.pop(0)["content"]
+        system = system or system_prompt
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{key} has no assistant turn to learn from")
+    else:
+        raise DataError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if task_prefix:
+        first_user = next(m for m in msgs if m["role"] == "user")
+        first_user["content"] = f"[{task_prefix}] {first_user['content']}"
+    if system:
+        msgs.insert(0, {"role": "system", "content": system})
+    return Example(messages=msgs)
+
+
+def load_examples(path: str, fmt: str = "auto", on_error: str = "fail", system_prompt: str | None = None,
+                  task_prefix: str | None = None, stats: dict[str, int] | None = None) -> list[Example]:
+    """Read and normalise one data source.
+
+    Args:
+        on_error: `fail` raises on the first malformed record (naming file and line); `skip` drops it and
+            counts it in `stats["skipped_malformed"]` (never silently).
+    """
+    out: list[Example] = []
+    for rec, where in read_records(path):
+        try:
+            ex = to_example(rec, fmt, system_prompt, task_prefix)
+        except DataError as e:
+            if on_error == "fail":
+                raise DataError(f"{where}: {e} (set data.on_error=skip to skip malformed records)") from None
+            if stats is not None:
+                stats["skipped_malformed"] = stats.get("skipped_malformed", 0) + 1
+            continue
+        ex.source = where
+        out.append(ex)
+    if not out:
+        raise DataError(f"{path}: no usable records")
+    return out
+
+
+def _mix(per_source: list[tuple[DatasetSpec, list[Example]]], rng: random.Random) -> list[Example]:
+    """Mix sources by weight: the mix keeps the total size, source i gets a weight_i share (with repeats)."""
+    if len(per_source) == 1:
+        return list(per_source[0][1])
+    total = sum(len(ex) for _, ex in per_source)
+    wsum = sum(s.weight for s, _ in per_source)
+    out: list[Example] = []
+    for spec, exs in per_source:
+        k = max(1, round(total * spec.weight / wsum))
+        if k <= len(exs):
+            out.extend(rng.sample(exs, k))
+        else:
+            out.extend(exs * (k // len(exs)) + rng.sample(exs, k % len(exs)))
+    rng.shuffle(out)
+    return out
+
+
+def load_train_val(cfg: DataConfig, seed: int = 42,
+                   stats: dict[str, int] | None = None) -> tuple[list[Example], list[Example]]:
+    """Training and validation examples for a DataConfig (validation from a file or a held-out fraction)."""
+    rng = random.Random(seed)
+    stats = stats if stats is not None else {}
+    per_source = []
+    for spec in cfg.sources():
+        exs = load_examples(spec.path, spec.format or cfg.format, cfg.on_error, cfg.system_prompt,
+                            spec.task_prefix, stats)
+        per_source.append((spec, exs))
+    if isinstance(cfg.validation, str):
+        val = load_examples(cfg.validation, cfg.format, cfg.on_error, cfg.system_prompt, None, stats)
+        train = _mix(per_source, rng)
+    elif isinstance(cfg.validation, float):
+        # Hold out per source before mixing, so repeats of an example never land on both sides.
+        val, kept = [], []
+        for spec, exs in per_source:
+            exs = list(exs)
+            rng.shuffle(exs)
+            n_val = max(1, int(len(exs) * cfg.validation)) if len(exs) > 1 else 0
+            val.extend(exs[:n_val])
+            kept.append((spec, exs[n_val:]))
+        train = _mix(kept, rng)
+    else:
+        val, train = [], _mix(per_source, rng)
+    stats["train_records"], stats["val_records"] = len(train), len(val)
+    return train, val
+
+
+def iter_sources(examples: Iterable[Example]) -> list[str]:
+    """Sorted distinct source files of examples (for dataset fingerprints)."""
+    return sorted({e.source.rsplit(":", 1)[0].split("[")[0] for e in examples})

@@ -1,0 +1,211 @@
+"""The per-worker training loop. Reads top to bottom: setup, the visible loop, cleanup.
+
+Launched once per Ray Train worker by `launcher.py` (or in-process through `LocalSession`). All ranks run the
+same code; rank 0 writes checkpoints. Steps count optimizer updates; one step consumes `grad_accum`
+micro-batches of `batch_size` sequences on every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fineray.train.batches import collate, epoch_batches, shard_batches
+from fineray.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from fineray.train.config import RunConfig
+from fineray.train.data import load_train_val
+from fineray.train.model import count_parameters, load_for_training
+from fineray.train.session import RaySession, Session
+from fineray.train.templates import Tokenized, tokenize_all
+
+__all__ = ["train_loop", "ray_worker_entry", "build_data", "evaluate_loss", "forward_loss", "make_scheduler"]
+
+
+def build_data(cfg: RunConfig, tokenizer: Any, stats: dict[str, int] | None = None
+               ) -> tuple[list[Tokenized], list[Tokenized]]:
+    """Load, normalise, tokenise and length-filter the train and validation sets."""
+    stats = stats if stats is not None else {}
+    train_ex, val_ex = load_train_val(cfg.data, cfg.train.seed, stats)
+    d = cfg.data
+    train = tokenize_all(tokenizer, train_ex, d.max_seq_len, d.train_on_prompt, stats, "train_")
+    val = tokenize_all(tokenizer, val_ex, d.max_seq_len, d.train_on_prompt, stats, "val_")
+    if d.max_examples:
+        train = train[: d.max_examples]
+    if not train:
+        raise ValueError(f"no training example fits data.max_seq_len={d.max_seq_len}")
+    return train, val
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> Any:
+    """Linear warmup then linear decay / cosine decay / constant."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean loss over the batch's target tokens, and how many target tokens there were."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    n_target = int((batch["labels"][:, 1:] != -100).sum())
+    return out.loss, n_target
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data: list[Tokenized], session: Session, batch_size: int,
+                  pad_id: int, max_batches: int | None = None) -> float:
+    """Validation loss: token-weighted mean over every rank's shard (exact, not a mean of means)."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    idx = list(range(len(data)))[session.rank::session.world_size]
+    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)][:max_batches]
+    for b in batches:
+        batch = {k: v.to(session.device) for k, v in collate([data[i] for i in b], pad_id).items()}
+        loss, n = forward_loss(model, batch)
+        loss_sum += float(loss) * n
+        tokens += n
+    model.train()
+    loss_sum, tokens = session.all_reduce_sum([loss_sum, tokens])
+    return loss_sum / max(tokens, 1)
+
+
+def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None) -> LoopState:
+    """Fine-tune per `cfg` on this worker; returns the final loop state."""
+    # ---------------------------------------------------------------- setup
+    tcfg = cfg.train
+    if tcfg.threads_per_worker:
+        torch.set_num_threads(tcfg.threads_per_worker)
+    torch.manual_seed(tcfg.seed)
+    use_gpu = session.device.type == "cuda"
+    tok, model = load_for_training(cfg, use_gpu=use_gpu, adapter_path=adapter_path, device=session.device)
+    trainable, total_params = count_parameters(model)
+    data_stats: dict[str, int] = {}
+    train_data, val_data = build_data(cfg, tok, data_stats)
+    model = session.prepare_model(model)
+    model.train()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                                  fused=use_gpu or None)
+    world = session.world_size
+    steps_per_epoch = len(shard_batches(len(train_data), tcfg.batch_size, 0, world, tcfg.seed, 0)) // tcfg.grad_accum
+    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * max(steps_per_epoch, 1)))
+    scheduler = make_scheduler(optimizer, tcfg.scheduler, int(tcfg.warmup_ratio * total_steps), total_steps)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
+    if tcfg.precision == "auto" and use_gpu:
+        autocast_dtype = torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 and use_gpu else None
+    amp = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if use_gpu and autocast_dtype else contextlib.nullcontext
+    eval_every = tcfg.eval_every
+    ckpt_every = tcfg.checkpoint_every or eval_every
+
+    state = LoopState()
+    ckpt = session.get_checkpoint()
+    if ckpt:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+    static = {"trainable_params": trainable, "total_params": total_params, "world_size": world,
+              "total_steps": total_steps, **{f"data_{k}": v for k, v in data_stats.items()}}
+    if session.rank == 0:
+        print(f"[fineray] rank0: {len(train_data)} train / {len(val_data)} val examples, "
+              f"{trainable:,} trainable of {total_params:,} params, {total_steps} steps"
+              + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
+
+    def write_ckpt(target: Path) -> None:
+        save_checkpoint(target, model, optimizer, scheduler, state, base_name=cfg.model.base)
+
+    # ---------------------------------------------------------------- loop
+    stream = epoch_batches(train_data, tcfg.batch_size, session.rank, world, tcfg.seed,
+                           state.epoch, state.batch_in_epoch)
+    pad_id = tok.pad_token_id
+    t_window, tok_window = time.perf_counter(), 0
+    stop_reason = None
+    while state.step < total_steps and stop_reason is None:
+        # Dropout masks depend only on (seed, rank, step): a resumed run draws the same ones.
+        torch.manual_seed(tcfg.seed + 1_000_003 * session.rank + state.step)
+        loss_sum, target_sum = 0.0, 0
+        for micro in range(tcfg.grad_accum):
+            epoch, b_idx, items = next(stream)
+            batch = {k: v.to(session.device) for k, v in collate(items, pad_id, 8 if use_gpu else 1).items()}
+            sync = micro == tcfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), amp():
+                loss, n_target = forward_loss(model, batch)
+                scaled = loss / tcfg.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            loss_sum += float(loss.detach())
+            target_sum += n_target
+            tok_window += int(batch["attention_mask"].sum())
+            state.epoch, state.batch_in_epoch = epoch, b_idx + 1
+        train_loss = loss_sum / tcfg.grad_accum
+        if not math.isfinite(train_loss):
+            stop_reason = "diverged"
+            if session.rank == 0:
+                print(f"[fineray] loss is {train_loss} at step {state.step + 1}: stopping. Lower train.lr, "
+                      "enable train.grad_clip, or check the data for empty targets.", flush=True)
+            break
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip or float("inf")))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        row: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "train_loss": train_loss,
+                               "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        if state.step % tcfg.log_every == 0 or state.step == total_steps:
+            now = time.perf_counter()
+            tokens_all = session.all_reduce_sum([tok_window])[0]
+            row["tokens_per_s"] = tokens_all / max(now - t_window, 1e-9)
+            state.tokens_seen += int(tokens_all)
+            t_window, tok_window = now, 0
+        last = state.step == total_steps
+        if val_data and (state.step % eval_every == 0 or last):
+            val_loss = evaluate_loss(model, val_data, session, tcfg.batch_size, pad_id, tcfg.eval_batches)
+            row["val_loss"], row["val_ppl"] = val_loss, math.exp(min(val_loss, 50))
+            if val_loss < state.best_val - 1e-4:
+                state.best_val, state.bad_evals = val_loss, 0
+            else:
+                state.bad_evals += 1
+            if tcfg.early_stopping_patience and state.bad_evals >= tcfg.early_stopping_patience:
+                stop_reason = "early_stopping"
+                row["early_stopped"] = True
+        state.history.append(row)
+        if session.rank == 0 and state.step % tcfg.log_every == 0:
+            print("[fineray] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in row.items()), flush=True)
+        if last or stop_reason or state.step % ckpt_every == 0 or "val_loss" in row:
+            # Reports are barriers across workers (and cost ~1 s in Ray Train V2), so only at these points.
+            session.report({**static, **row, "done": bool(last or stop_reason), "stop_reason": stop_reason},
+                           write_ckpt)
+    # ---------------------------------------------------------------- cleanup
+    if stop_reason == "diverged":
+        session.report({**static, "step": state.step, "done": True, "stop_reason": "diverged"}, None)
+    if use_gpu:
+        torch.cuda.empty_cache()
+    return state
+
+
+def ray_worker_entry(config: dict[str, Any]) -> None:
+    """Ray Train `train_loop_per_worker`: rebuild the typed config and run the loop."""
+    cfg = RunConfig.model_validate(config["run"])
+    if not cfg.train.threads_per_worker and not cfg.scaling.use_gpu:
+        # Ray sets OMP_NUM_THREADS=1 per worker; honour a worker's CPU share instead.
+        cpus = int((cfg.scaling.resources_per_worker or {}).get("CPU", 1))
+        torch.set_num_threads(max(1, cpus))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train_loop(cfg, RaySession(), adapter_path=config.get("adapter_path"))
