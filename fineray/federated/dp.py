@@ -140,7 +140,7 @@ class DPAccountant:
     Args:
         noise_multiplier: ``z`` (> 0).
         sample_rate: Per-round probability ``q`` that a silo participates, in (0, 1].
-        delta: Target delta, e.g. ``1 / N**1.1`` for ``N`` silos... or ``1e-5``; must be in (0, 1).
+        delta: Target delta in (0, 1), conventionally below ``1 / N`` for ``N`` silos.
         orders: RDP orders; defaults to ``dp_accounting``'s.
     """
 

@@ -158,7 +158,7 @@ class OutputConfig(_Section):
     dir: str = "runs"
     registry: str = "adapters"
     name: str | None = None
-    register: bool = True
+    register_adapter: bool = True
 
 
 class ClusterConfig(_Section):

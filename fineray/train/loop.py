@@ -185,6 +185,8 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
                 stop_reason = "early_stopping"
                 row["early_stopped"] = True
         state.history.append(row)
+        if session.rank == 0:
+            session.progress({**row, "total_steps": total_steps})
         if session.rank == 0 and state.step % tcfg.log_every == 0:
             print("[fineray] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in row.items()), flush=True)
@@ -208,4 +210,4 @@ def ray_worker_entry(config: dict[str, Any]) -> None:
         cpus = int((cfg.scaling.resources_per_worker or {}).get("CPU", 1))
         torch.set_num_threads(max(1, cpus))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train_loop(cfg, RaySession(), adapter_path=config.get("adapter_path"))
+    train_loop(cfg, RaySession(config.get("progress_board")), adapter_path=config.get("adapter_path"))

@@ -35,6 +35,9 @@ class Session:
         """Report metrics; rank 0 writes the checkpoint into the folder it is given. Called on every rank."""
         raise NotImplementedError
 
+    def progress(self, row: dict[str, Any]) -> None:
+        """Live progress from rank 0 (no-op unless a progress board is attached)."""
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum floats over ranks (identity with one worker)."""
         if self.world_size == 1 or not torch.distributed.is_initialized():
@@ -75,14 +78,19 @@ class LocalSession(Session):
 class RaySession(Session):
     """A Ray Train worker (DDP over gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, board: Any | None = None) -> None:
         import ray.train
         import ray.train.torch
 
+        self.board = board
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
         self.device = ray.train.torch.get_device()
+
+    def progress(self, row: dict[str, Any]) -> None:
+        if self.board is not None:
+            self.board.push.remote(row)
 
     def get_checkpoint(self) -> str | None:
         import ray.train

@@ -4,6 +4,8 @@ Sun et al. 2024, "Improving LoRA in Privacy-preserving Federated Learning", arXi
 Because every silo uses the *same* frozen ``A`` (derived from a shared seed with
 :func:`init_frozen_a`), ``sum_i p_i B_i A = (sum_i p_i B_i) A``: averaging B is exact, and the
 aggregation is linear (it also halves the trainable parameters and suits DP / secure aggregation).
+Under secure aggregation only the B factors need to travel: rebuild the mean adapter with the
+frozen A (a float or fixed-point mean of identical A's is not bit-identical and would be rejected).
 """
 
 from __future__ import annotations

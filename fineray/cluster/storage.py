@@ -1,0 +1,110 @@
+"""Storage URIs: local paths on a laptop, `s3://` / `gs://` / shared paths on a cluster, one code path.
+
+Built on pyarrow filesystems. Writes are atomic: local writes go to a temporary name and are renamed; object
+stores have atomic single-object PUTs, and multi-file folders are published by writing their manifest last.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+__all__ = ["StorageError", "open_fs", "is_remote", "join", "atomic_write_bytes", "read_bytes",
+           "upload_dir", "download_dir", "exists", "listdir", "remove_tree", "rename"]
+
+
+class StorageError(OSError):
+    """A storage URI that cannot be reached or used; the message names it."""
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a scheme other than file://."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    if not is_remote(uri):
+        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for bad schemes/credentials
+        raise StorageError(f"cannot open storage {uri!r}: {e}") from None
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path segments with '/' (URIs and local paths alike)."""
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def listdir(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Base names of the entries of a folder (empty when missing)."""
+    if not exists(fs, path):
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a file so readers see the old or the new content, never a partial one."""
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:  # a single PUT: atomic on object stores
+            f.write(data)
+
+
+def upload_dir(local_dir: str | Path, fs: pafs.FileSystem, dest: str) -> None:
+    """Copy a local folder's files (recursively) to `dest`."""
+    local_dir = Path(local_dir)
+    fs.create_dir(dest, recursive=True)
+    for p in sorted(local_dir.rglob("*")):
+        if p.is_file():
+            target = f"{dest}/{p.relative_to(local_dir).as_posix()}"
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(target) as f:
+                f.write(p.read_bytes())
+
+
+def download_dir(fs: pafs.FileSystem, src: str, local_dir: str | Path) -> Path:
+    """Copy a folder from storage to a local folder."""
+    local_dir = Path(local_dir)
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            rel = info.path[len(src.rstrip("/")) + 1:]
+            out = local_dir / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(read_bytes(fs, info.path))
+    return local_dir
+
+
+def remove_tree(fs: pafs.FileSystem, path: str) -> None:
+    if exists(fs, path):
+        fs.delete_dir(path)
+
+
+def rename(fs: pafs.FileSystem, src: str, dest: str) -> None:
+    """Move a folder; on a local filesystem this is an atomic rename that fails if `dest` exists."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.rename(src, dest)  # raises if dest is a non-empty dir: no silent overwrite
+    else:
+        fs.move(src, dest)

@@ -1,0 +1,48 @@
+"""Training-curve diagnostics, as a fine-tuning guide would read the curves.
+
+Each check returns a finding with a plain-language hint:
+* overfitting: validation loss rising over the last evals while training loss keeps falling;
+* plateau: training loss stops improving early (the first half of the run reached the final level);
+* erratic: step-to-step training loss jumps large relative to its level (learning rate too high?).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+__all__ = ["diagnose"]
+
+
+def _smooth(xs: list[float], k: int) -> list[float]:
+    return [statistics.fmean(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+
+
+def diagnose(history: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Findings for a metric history (rows with `train_loss` and sometimes `val_loss`)."""
+    findings: list[dict[str, str]] = []
+    train = [r["train_loss"] for r in history if "train_loss" in r]
+    val = [r["val_loss"] for r in history if "val_loss" in r]
+    if len(val) >= 3 and len(train) >= 6:
+        third = max(2, len(train) // 3)
+        rising = val[-1] > val[-2] > val[-3] or val[-1] > min(val) * 1.05
+        train_falling = statistics.fmean(train[-third:]) < statistics.fmean(train[-2 * third:-third])
+        if rising and train_falling:
+            findings.append({"kind": "overfitting", "message":
+                             f"validation loss rose to {val[-1]:.4f} (best {min(val):.4f}) while training loss "
+                             "kept falling: use fewer steps, early stopping, more data or more dropout"})
+    if len(train) >= 10:
+        sm = _smooth(train, max(2, len(train) // 10))
+        drop_total = sm[0] - sm[-1]
+        half = sm[len(sm) // 2]
+        if drop_total > 0 and (sm[0] - half) > 0.95 * drop_total and (half - sm[-1]) < 0.02 * abs(sm[0]):
+            findings.append({"kind": "plateau", "message":
+                             "training loss stopped improving by mid-run: the remaining steps add little; "
+                             "try a higher learning rate or larger rank, or train shorter"})
+        jumps = [abs(b - a) for a, b in zip(train, train[1:])]
+        level = statistics.fmean(train)
+        if level > 0 and statistics.fmean(jumps) > 0.25 * level:
+            findings.append({"kind": "erratic", "message":
+                             "training loss jumps a lot between steps: lower train.lr, raise batch_size or "
+                             "grad_accum, or enable train.grad_clip"})
+    return findings

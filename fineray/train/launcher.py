@@ -1,0 +1,216 @@
+"""Launch a fine-tuning run on Ray Train and turn its result into a run directory and a registry entry.
+
+Run directory (`output.dir/output.name`):
+    config.yaml        the resolved config (every default filled in)
+    adapter/           the final PEFT adapter (or model/ for full fine-tuning)
+    metrics.jsonl      one row per step (train loss, lr, grad norm, tokens/s, val loss at evals)
+    loss.png           train and validation loss curves
+    summary.json       steps, wall_s, tokens_per_s, first/last train loss, val loss, base vs tuned metrics,
+                       diagnostics, registry reference
+    ray/               Ray Train storage (checkpoints); re-running with the same output.name resumes from it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fineray.cluster.connect import ray_cluster
+from fineray.train.config import RunConfig
+from fineray.train.diagnostics import diagnose
+from fineray.train.registry import AdapterRegistry
+
+__all__ = ["TrainingError", "run_train", "make_trainer", "resolve_adapter", "dataset_fingerprint",
+           "write_run_outputs", "run_dir_for"]
+
+
+class TrainingError(RuntimeError):
+    """A run that failed or diverged; the message says why and where the logs are."""
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """The run directory (local). Names default to `<base>-<method>-<timestamp>`."""
+    if not cfg.output.name:
+        base = cfg.model.base.split(":")[-1].split("/")[-1]
+        cfg.output.name = f"{base}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output.dir).expanduser().resolve() / cfg.output.name
+
+
+def resolve_adapter(cfg: RunConfig) -> str | None:
+    """`model.adapter` as a local path: a folder, or a registry reference (`name` / `name@vN`)."""
+    ref = cfg.model.adapter
+    if not ref:
+        return None
+    if Path(ref).expanduser().is_dir():
+        return str(Path(ref).expanduser().resolve())
+    return str(AdapterRegistry(cfg.output.registry).local_path(ref))
+
+
+def dataset_fingerprint(cfg: RunConfig) -> str:
+    """sha256 over the training sources' bytes (or names for hub datasets) and the data settings."""
+    from fineray.train.data import BUILTIN_DATASETS, _builtin
+
+    h = hashlib.sha256(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True).encode())
+    for spec in cfg.data.sources():
+        p = _builtin(BUILTIN_DATASETS[spec.path]) if spec.path in BUILTIN_DATASETS else Path(spec.path)
+        h.update(p.read_bytes() if p.is_file() else spec.path.encode())
+    return h.hexdigest()
+
+
+def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = None, board: Any = None,
+                 storage_path: str | None = None, callbacks: list[Any] | None = None) -> Any:
+    """A Ray Train `TorchTrainer` for this config (workers, resources, storage, retries, checkpoints)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fineray.train.loop import ray_worker_entry
+
+    sc = cfg.scaling
+    resources = dict(sc.resources_per_worker or {})
+    if not sc.use_gpu:
+        resources.setdefault("CPU", 1)
+    return TorchTrainer(
+        ray_worker_entry,
+        train_loop_config={"run": cfg.to_dict(), "adapter_path": adapter_path, "progress_board": board},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources or None),
+        run_config=ray.train.RunConfig(
+            name="ray", storage_path=storage_path or str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def _plot_loss(history: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history], [r["train_loss"] for r in history if "train_loss" in r][: len(history)],
+            label="train loss")
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def write_run_outputs(cfg: RunConfig, run_dir: Path, ckpt_dir: Path, wall_s: float,
+                      final_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Copy the final weights and history into the run directory and compute the training summary."""
+    weights = "adapter" if (ckpt_dir / "adapter").is_dir() else "model"
+    dest = run_dir / weights
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(ckpt_dir / weights, dest)
+    history = [json.loads(x) for x in (ckpt_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    shutil.copy(ckpt_dir / "metrics.jsonl", run_dir / "metrics.jsonl")
+    train_rows = [r for r in history if "train_loss" in r]
+    if train_rows:
+        _plot_loss(train_rows, run_dir / "loss.png")
+    vals = [r["val_loss"] for r in history if "val_loss" in r]
+    tps = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
+    summary = {
+        "name": cfg.output.name, "steps": final_metrics.get("step", len(history)), "wall_s": round(wall_s, 2),
+        "tokens_per_s": sum(tps[1:]) / len(tps[1:]) if len(tps) > 1 else (tps[0] if tps else None),
+        "train_loss_first": train_rows[0]["train_loss"] if train_rows else None,
+        "train_loss_last": train_rows[-1]["train_loss"] if train_rows else None,
+        "val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
+        "stop_reason": final_metrics.get("stop_reason"),
+        "trainable_params": final_metrics.get("trainable_params"),
+        "total_params": final_metrics.get("total_params"),
+        "data": {k[5:]: v for k, v in final_metrics.items() if k.startswith("data_")},
+        "diagnostics": diagnose(history), "weights_dir": str(dest),
+    }
+    return summary
+
+
+def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = None,
+              callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Fine-tune per `cfg` on Ray Train; write the run directory; register the adapter; return the summary.
+
+    Re-running with the same `output.dir` + `output.name` resumes from the run's latest checkpoint.
+    """
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    adapter_path = resolve_adapter(cfg)
+    from fineray.train.model import resolve_base
+
+    resolve_base(cfg.model.base)  # convert/cache the embedded model once here, not in every worker
+    t0 = time.perf_counter()
+    with ray_cluster(cfg.cluster.address, cfg.cluster.num_cpus):
+        from fineray.train._progress import ProgressBoard, watch_progress
+
+        board = ProgressBoard()
+        trainer = make_trainer(cfg, run_dir, adapter_path=adapter_path, board=board, callbacks=callbacks)
+        with watch_progress(board, cfg.train.max_steps, enabled=progress):
+            try:
+                result = trainer.fit()
+            except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause
+                raise TrainingError(f"training failed: {_root_cause(e)} (Ray storage: {run_dir / 'ray'})") from e
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise TrainingError(f"training produced no checkpoint (see {run_dir / 'ray'})")
+    final = dict(result.metrics or {})
+    if final.get("stop_reason") == "diverged":
+        raise TrainingError(f"training diverged: the loss became NaN/Inf at step {final.get('step', 0) + 1}; "
+                            "lower train.lr or enable train.grad_clip")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        summary = write_run_outputs(cfg, run_dir, Path(ckpt_dir), wall, final)
+    summary["run_dir"] = str(run_dir)
+    do_eval = cfg.eval.enabled if evaluate is None else evaluate
+    if do_eval:
+        from fineray.train.evaluate import evaluate_run
+
+        ev = evaluate_run(cfg, summary["weights_dir"], threads=cfg.cluster.num_cpus)
+        summary["base_metrics"], summary["tuned_metrics"] = ev["base"], ev.get("tuned")
+    else:
+        summary["base_metrics"] = summary["tuned_metrics"] = None
+    if cfg.output.register_adapter:
+        reg = AdapterRegistry(cfg.output.registry)
+        hp = {"method": cfg.method, "lora": cfg.lora.model_dump(mode="json"),
+              "train": cfg.train.model_dump(mode="json"), "num_workers": cfg.scaling.num_workers}
+        metrics = {k: summary[k] for k in ("val_loss", "train_loss_last", "steps", "tokens_per_s")}
+        if summary["tuned_metrics"]:
+            metrics.update({k: v for k, v in summary["tuned_metrics"].items() if isinstance(v, (int, float))})
+        version = reg.register(_registry_name(cfg), summary["weights_dir"], base_model=cfg.model.base,
+                               method=cfg.method, hyperparameters=hp, dataset_fingerprint=dataset_fingerprint(cfg),
+                               metrics=metrics, lineage={"run_dir": str(run_dir)})
+        summary["registry_ref"] = version.ref
+        summary["registry_uri"] = version.uri
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _registry_name(cfg: RunConfig) -> str:
+    import re
+
+    name = cfg.output.name or "adapter"
+    # Timestamped run names register under their stem, so repeated runs become versions of one adapter.
+    return re.sub(r"-\d{8}-\d{6}$", "", name)[:64]
+
+
+def _root_cause(e: BaseException) -> str:
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    tail = [line for line in text if line.strip()][-3:]
+    return f"{type(seen).__name__}: {' | '.join(tail)}"
