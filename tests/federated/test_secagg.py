@@ -100,7 +100,7 @@ def test_masks_are_fresh_per_attempt_and_prg_is_deterministic():
 
 
 def test_overflow_check_raises_clear_error():
-    # Execute / Assert: 10 silos * clip 4 * 2^16 >= 2^31 is false, 1000 silos is true.
+    # Execute / Assert: 10 silos * clip 4 * 2^16 < 2^31 fits; 10_000 silos would wrap.
     SecAggConfig(num_silos=10, clip=4.0, frac_bits=16, modulus_bits=32)
     with pytest.raises(SecAggOverflowError, match="may wrap"):
         SecAggConfig(num_silos=10_000, clip=4.0, frac_bits=16, modulus_bits=32)

@@ -1,0 +1,213 @@
+"""The `fineray` command line: parse, load the config, call a component. Components are imported lazily so
+`fineray --help` and config errors are instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune LLMs on Ray: train, tune, federated, serve, submit.")
+adapters_app = typer.Typer(no_args_is_help=True, help="List, show and remove registered adapters.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster (Ray Jobs API).")
+k8s_app = typer.Typer(no_args_is_help=True, help="KubeRay manifests.")
+federated_app = typer.Typer(help="Federated LoRA fine-tuning across data silos.", invoke_without_command=True)
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(k8s_app, name="k8s")
+app.add_typer(federated_app, name="federated")
+
+console = Console()
+err = Console(stderr=True)
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(config: Optional[Path], overrides: list[str]) -> Any:
+    from fineray.train.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fineray.train.config import ConfigError
+    from fineray.train.data import DataError
+    from fineray.train.model import ModelError
+    from fineray.train.registry import RegistryError
+
+    return (ConfigError, DataError, ModelError, RegistryError, FileNotFoundError)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The final table of a training run: training numbers, then base vs tuned metrics."""
+    t = Table(title=f"run {summary.get('name')}", show_header=False)
+    for k in ("steps", "wall_s", "tokens_per_s", "train_loss_first", "train_loss_last", "val_loss",
+              "trainable_params", "stop_reason", "registry_ref", "run_dir"):
+        if k in summary:
+            t.add_row(k, _fmt(summary[k]))
+    console.print(t)
+    base, tuned = summary.get("base_metrics"), summary.get("tuned_metrics")
+    if base:
+        m = Table(title="held-out evaluation")
+        m.add_column("metric")
+        m.add_column("base")
+        m.add_column("tuned")
+        for k, v in base.items():
+            if isinstance(v, (int, float)) and k not in ("n", "eval_s"):
+                m.add_row(k, _fmt(v), _fmt((tuned or {}).get(k)))
+        console.print(m)
+    for d in summary.get("diagnostics") or []:
+        console.print(f"[yellow]diagnostic ({d['kind']}):[/] {d['message']}")
+
+
+@app.command()
+def train(config: Optional[Path] = typer.Argument(None, help="Run config YAML (default: the quickstart)."),
+          overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
+          no_eval: bool = typer.Option(False, "--no-eval", help="Skip the base-vs-tuned evaluation."),
+          no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar."),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary here.")) -> None:
+    """Fine-tune a model on Ray Train (LoRA, DoRA, QLoRA or full)."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in str(config):  # `fineray train key=value` with no config file
+        overrides.insert(0, str(config))
+        config = None
+    if config is None and QUICKSTART.exists():
+        config = QUICKSTART
+    cfg = _load(config, overrides)
+    from fineray.train.launcher import TrainingError, run_train
+
+    try:
+        summary = run_train(cfg, progress=not no_progress, evaluate=False if no_eval else None)
+    except (TrainingError, *_user_errors()) as e:
+        _fail(str(e), 1)
+    print_summary(summary)
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=2, default=str))
+
+
+@app.command("eval")
+def eval_cmd(config: Optional[Path] = typer.Argument(None, help="Run config YAML (model, data, eval sections)."),
+             overrides: Optional[list[str]] = typer.Argument(None),
+             adapter: Optional[str] = typer.Option(None, help="Registry reference (name, name@vN) or folder."),
+             data: Optional[str] = typer.Option(None, help="Held-out data file (default: eval.data).")) -> None:
+    """Evaluate base vs fine-tuned on a held-out set (perplexity, EM, ROUGE-L, BLEU, JSON metrics)."""
+    cfg = _load(config, list(overrides or []))
+    from fineray.train.evaluate import evaluate_run
+    from fineray.train.launcher import resolve_adapter
+
+    try:
+        if adapter:
+            cfg.model.adapter = adapter
+        res = evaluate_run(cfg, resolve_adapter(cfg), data=data)
+    except _user_errors() as e:
+        _fail(str(e), 1)
+    print_summary({"name": "eval", "base_metrics": res["base"], "tuned_metrics": res.get("tuned")})
+    console.print_json(json.dumps(res, default=str))
+
+
+@app.command()
+def export(adapter: str = typer.Argument(..., help="Registry reference (name, name@vN) or adapter folder."),
+           out: Path = typer.Argument(..., help="Output folder for the merged safetensors model."),
+           registry: str = typer.Option("adapters", help="Adapter registry (path or URI)."),
+           base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's manifest).")) -> None:
+    """Merge an adapter into its base model and write a standalone safetensors model folder."""
+    from fineray.train.export import merge_adapter
+
+    try:
+        path = merge_adapter(adapter, out, registry=registry, base=base)
+    except _user_errors() as e:
+        _fail(str(e), 1)
+    console.print(f"merged model written to {path}")
+
+
+@app.command()
+def plan(config: Path = typer.Argument(...), overrides: Optional[list[str]] = typer.Argument(None),
+         gpu_memory_gib: Optional[float] = typer.Option(None, help="Memory per GPU (default: 80)")) -> None:
+    """Print the pre-flight checks and memory estimate of a run config."""
+    cfg = _load(config, list(overrides or []))
+    from fineray.train.preflight import format_plan, plan_run
+
+    console.print(format_plan(plan_run(cfg, gpu_memory_gib=gpu_memory_gib)))
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def _registry(registry: str) -> Any:
+    from fineray.train.registry import AdapterRegistry
+
+    return AdapterRegistry(registry)
+
+
+@adapters_app.command("list")
+def adapters_list(registry: str = typer.Option("adapters", help="Adapter registry (path or URI).")) -> None:
+    """Every adapter version in the registry."""
+    t = Table(title=f"adapters in {registry}")
+    for col in ("adapter", "base", "method", "created", "val_loss", "key metric"):
+        t.add_column(col)
+    for v in _registry(registry).list():
+        m = v.manifest.get("metrics", {})
+        key = next((f"{k}={_fmt(m[k])}" for k in ("field_accuracy", "exact_match", "rouge_l") if k in m), "")
+        t.add_row(v.ref, v.manifest.get("base_model", ""), v.manifest.get("method", ""),
+                  v.manifest.get("created", ""), _fmt(m.get("val_loss")), key)
+    console.print(t)
+
+
+@adapters_app.command("show")
+def adapters_show(ref: str, registry: str = typer.Option("adapters")) -> None:
+    """The manifest of an adapter version (`name` = latest, or `name@vN`)."""
+    from fineray.train.registry import RegistryError
+
+    try:
+        v = _registry(registry).get(ref)
+    except RegistryError as e:
+        _fail(str(e), 1)
+    console.print_json(json.dumps({"ref": v.ref, "uri": v.uri, **v.manifest}))
+
+
+@adapters_app.command("rm")
+def adapters_rm(ref: str, registry: str = typer.Option("adapters"),
+                yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
+    """Remove an adapter version (`name@vN`) or all its versions (`name`)."""
+    from fineray.train.registry import RegistryError
+
+    reg = _registry(registry)
+    try:
+        if not yes and not typer.confirm(f"remove {ref} from {registry}?"):
+            raise typer.Exit(1)
+        removed = reg.remove(ref)
+    except RegistryError as e:
+        _fail(str(e), 1)
+    console.print("removed " + ", ".join(v.ref for v in removed))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
