@@ -24,7 +24,6 @@ the simple `self in [...]` form.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -37,17 +36,17 @@ import yaml
 from jsonschema import Draft7Validator, FormatChecker, ValidationError, validators
 
 __all__ = [
-    "KINDS",
-    "RAY_VERSION",
-    "RAY_API_VERSION",
-    "DEFAULT_STORAGE",
     "CONFIG_DIR",
-    "render_rayjob",
+    "DEFAULT_STORAGE",
+    "KINDS",
+    "RAY_API_VERSION",
+    "RAY_VERSION",
+    "crd_dir",
     "dump_yaml",
     "load_yaml_documents",
-    "validate_manifest",
+    "render_rayjob",
     "sanitize_name",
-    "crd_dir",
+    "validate_manifest",
 ]
 
 #: fineray commands that can run as a RayJob.
@@ -64,9 +63,7 @@ _MAX_NAME_LEN = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-_QUANTITY = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
+_QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
 # Default size of a worker pod when `scaling.resources_per_worker` leaves it open.
 _DEFAULT_WORKER_CPUS = 4
@@ -92,7 +89,7 @@ def sanitize_name(raw: str, *, max_len: int = 47, what: str = "name") -> str:
     RayService, whose generated cluster and Service names add suffixes; 53 for a RayCluster; 63 for a label).
     """
     if not isinstance(raw, str):
-        raise ValueError(f"{what} must be a string, got {type(raw).__name__}")
+        raise TypeError(f"{what} must be a string, got {type(raw).__name__}")
     name = re.sub(r"[^a-z0-9]+", "-", raw.strip().lower()).strip("-")
     if not name:
         raise ValueError(f"{what} {raw!r} has no letters or digits: cannot make a Kubernetes name from it")
@@ -101,7 +98,9 @@ def sanitize_name(raw: str, *, max_len: int = 47, what: str = "name") -> str:
             f"{what} {raw!r} must start with a letter (Kubernetes DNS-1035 label, e.g. 'run-{name}')"
         )
     if len(name) > max_len:
-        raise ValueError(f"{what} {raw!r} is {len(name)} characters after cleaning ({name!r}); the limit is {max_len}")
+        raise ValueError(
+            f"{what} {raw!r} is {len(name)} characters after cleaning ({name!r}); the limit is {max_len}"
+        )
     return name
 
 
@@ -121,23 +120,26 @@ def _derived_name(prefix: str, slug: str | None, digest: str, max_len: int) -> s
 
 def _quantity(value: Any, *, what: str, memory: bool = False) -> str:
     """A Kubernetes quantity string from a Ray-style number (CPUs, or bytes for memory) or a quantity string."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what}: expected a number or a Kubernetes quantity, got {value!r}")
     if isinstance(value, str):
         if not re.match(_QUANTITY, value):
             raise ValueError(f"{what}: {value!r} is not a Kubernetes quantity (e.g. '4', '500m', '16Gi')")
         return value
-    if not isinstance(value, (int, float)) or value <= 0 or not math.isfinite(value):
-        raise ValueError(f"{what}: expected a positive number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value <= 0
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"{what}: expected a positive number or a Kubernetes quantity, got {value!r}")
     if memory:  # Ray counts memory in bytes
-        n = int(math.ceil(value))
+        n = math.ceil(value)
         for unit, size in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
             if n % size == 0:
                 return f"{n // size}{unit}"
         return str(n)
     if float(value).is_integer():
         return str(int(value))
-    return f"{int(math.ceil(value * 1000))}m"
+    return f"{math.ceil(value * 1000)}m"
 
 
 def _worker_resources(scaling: Mapping[str, Any]) -> tuple[dict[str, str], int]:
@@ -154,15 +156,18 @@ def _worker_resources(scaling: Mapping[str, Any]) -> tuple[dict[str, str], int]:
             f"scaling.resources_per_worker: unsupported resource(s) {unknown}; a worker pod can be sized from "
             "CPU, GPU and memory only (add custom Ray resources to the worker group by hand)"
         )
-    if gpu_req is not None and (isinstance(gpu_req, bool) or not isinstance(gpu_req, (int, float)) or gpu_req < 0):
+    if gpu_req is not None and (
+        isinstance(gpu_req, bool) or not isinstance(gpu_req, (int, float)) or gpu_req < 0
+    ):
         raise ValueError(f"scaling.resources_per_worker.GPU: expected a non-negative number, got {gpu_req!r}")
     if not use_gpu and gpu_req:
         raise ValueError("scaling.resources_per_worker asks for GPUs but scaling.use_gpu is false")
     # A pod holds whole GPUs: a fractional request (several workers sharing a GPU) still needs one device.
-    gpus = (int(math.ceil(gpu_req)) if gpu_req else 1) if use_gpu else 0
+    gpus = (math.ceil(gpu_req) if gpu_req else 1) if use_gpu else 0
     limits = {"cpu": _quantity(cpu, what="scaling.resources_per_worker.CPU")}
     limits["memory"] = (
-        _quantity(mem, what="scaling.resources_per_worker.memory", memory=True) if mem is not None
+        _quantity(mem, what="scaling.resources_per_worker.memory", memory=True)
+        if mem is not None
         else _DEFAULT_WORKER_MEMORY
     )
     if gpus:
@@ -192,8 +197,10 @@ def _cluster_spec(
 ) -> dict[str, Any]:
     env = [
         {"name": "HF_HOME", "value": f"{storage}/cache/huggingface"},
-        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "fineray-secrets", "key": "HF_TOKEN",
-                                                             "optional": True}}},
+        {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "fineray-secrets", "key": "HF_TOKEN", "optional": True}},
+        },
     ]
 
     def volumes(extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -329,7 +336,7 @@ def render_rayjob(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
     if not isinstance(run_config, Mapping):
-        raise ValueError(f"run_config must be a mapping, got {type(run_config).__name__}")
+        raise TypeError(f"run_config must be a mapping, got {type(run_config).__name__}")
     if not isinstance(image, str) or not image or any(c.isspace() for c in image):
         raise ValueError(f"image must be a non-empty image reference without spaces, got {image!r}")
     if not isinstance(storage, str) or not storage.startswith("/"):
@@ -338,14 +345,16 @@ def render_rayjob(
     config = copy.deepcopy(dict(run_config))
     scaling = config.get("scaling") or {}
     if not isinstance(scaling, Mapping):
-        raise ValueError("run_config.scaling must be a mapping")
+        raise TypeError("run_config.scaling must be a mapping")
     num_workers = scaling.get("num_workers", 2)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"scaling.num_workers must be a positive integer, got {num_workers!r}")
     if max_workers is None:
         max_workers = num_workers
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < num_workers:
-        raise ValueError(f"max_workers must be an integer >= scaling.num_workers ({num_workers}), got {max_workers!r}")
+        raise ValueError(
+            f"max_workers must be an integer >= scaling.num_workers ({num_workers}), got {max_workers!r}"
+        )
     worker_limits, gpus = _worker_resources(scaling)
 
     digest = _config_digest(config)
@@ -353,9 +362,10 @@ def render_rayjob(
         output = config.get("output") if isinstance(config.get("output"), Mapping) else {}
         name = _derived_name(f"fineray-{kind}", output.get("name"), digest, _MAX_NAME_LEN["RayJob"])
     name = sanitize_name(name, max_len=_MAX_NAME_LEN["RayJob"], what="RayJob name")
-    if namespace is not None:
-        if not isinstance(namespace, str) or not _DNS1123_LABEL.match(namespace) or len(namespace) > 63:
-            raise ValueError(f"namespace {namespace!r} is not a valid Kubernetes namespace (DNS-1123 label)")
+    if namespace is not None and (
+        not isinstance(namespace, str) or not _DNS1123_LABEL.match(namespace) or len(namespace) > 63
+    ):
+        raise ValueError(f"namespace {namespace!r} is not a valid Kubernetes namespace (DNS-1123 label)")
     for what, value in (("pvc", pvc), ("auth_secret", auth_secret)):
         if value is not None and (not isinstance(value, str) or not re.match(_DNS1123_SUBDOMAIN, value)):
             raise ValueError(f"{what} {value!r} is not a valid Kubernetes object name")
@@ -388,9 +398,7 @@ def render_rayjob(
         "metadata": meta(config_map_name),
         "data": {"config.yaml": yaml.safe_dump(config, sort_keys=False, default_flow_style=False)},
     }
-    entrypoint = (
-        f"fineray {kind} {CONFIG_DIR}/config.yaml output.dir={storage}/runs output.registry={storage}/adapters"
-    )
+    entrypoint = f"fineray {kind} {CONFIG_DIR}/config.yaml output.dir={storage}/runs output.registry={storage}/adapters"
     rayjob = {
         "apiVersion": RAY_API_VERSION,
         "kind": "RayJob",
@@ -512,12 +520,16 @@ def _convert(node: Any) -> Any:
     return out
 
 
-def _int_or_string(validator: Any, value: Any, instance: Any, schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+def _int_or_string(
+    validator: Any, value: Any, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
     if value and (isinstance(instance, bool) or not isinstance(instance, (int, str))):
         yield ValidationError(f"{instance!r} must be an integer or a string (int-or-string field)")
 
 
-def _list_type(validator: Any, value: Any, instance: Any, schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+def _list_type(
+    validator: Any, value: Any, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
     if not isinstance(instance, list):
         return
     if value == "set":
@@ -536,15 +548,19 @@ def _list_type(validator: Any, value: Any, instance: Any, schema: Mapping[str, A
             key = tuple(item.get(k, (props.get(k) or {}).get("default")) for k in keys)
             if key in seen_keys:
                 shown = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key))
-                yield ValidationError(f"duplicate entry ({shown}) at index {i}, first at index {seen_keys[key]}")
+                yield ValidationError(
+                    f"duplicate entry ({shown}) at index {i}, first at index {seen_keys[key]}"
+                )
             else:
                 seen_keys[key] = i
 
 
-_CEL_IN_LIST = re.compile(r"^\s*self\s+in\s+(\[.*\])\s*$", re.S)
+_CEL_IN_LIST = re.compile(r"^\s*self\s+in\s+(\[.*\])\s*$", re.DOTALL)
 
 
-def _cel_rules(validator: Any, rules: Any, instance: Any, schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+def _cel_rules(
+    validator: Any, rules: Any, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
     # Only the `self in [...]` form is evaluated; transition rules (oldSelf) and richer CEL are left to the server.
     for rule in rules or []:
         m = _CEL_IN_LIST.match(str(rule.get("rule", "")))
@@ -615,23 +631,51 @@ _OBJECT_META: dict[str, Any] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+def _crd_v1(text: str) -> tuple[str, dict[str, Any]]:
+    """(group, the `v1` entry of spec.versions) of a CRD.
+
+    The CRD files hold every served version (v1 and the deprecated v1alpha1, each about half of the file), so only
+    the v1 entry of controller-gen's layout (`  versions:` followed by `  - ` items) is parsed; any other layout
+    falls back to reading the whole document.
+    """
+    group = re.search(r"^  group: (\S+)$", text, re.MULTILINE)
+    starts = [m.start() for m in re.finditer(r"^  - ", text, re.MULTILINE)]
+    versions_at = text.find("\n  versions:\n")
+    if group and versions_at >= 0:
+        items = [i for i in starts if i > versions_at]
+        for begin, end in zip(items, [*items[1:], len(text)]):
+            chunk = text[begin:end]
+            if re.search(r"^    name: v1$", chunk, re.MULTILINE):
+                (entry,) = yaml.load(chunk, Loader=_loader())
+                if entry.get("name") == "v1":
+                    return group.group(1), entry
+    crd = yaml.load(text, Loader=_loader())
+    for entry in crd["spec"]["versions"]:
+        if entry["name"] == "v1":
+            return crd["spec"]["group"], entry
+    raise ValueError("the CRD has no v1 version")
+
+
 def _crd_schema(kind: str, directory: str) -> tuple[str, dict[str, Any]]:
-    """(apiVersion, JSON schema) of the served `v1` version of the CRD for `kind`."""
-    path = Path(directory) / _CRD_FILES[kind]
-    crd = yaml.load(path.read_text(), Loader=_loader())
-    group = crd["spec"]["group"]
-    for version in crd["spec"]["versions"]:
-        if version["name"] == "v1":
-            schema = _convert(version["schema"]["openAPIV3Schema"])
-            break
-    else:  # pragma: no cover - the shipped CRDs have v1
-        raise RuntimeError(f"{path}: no v1 version")
-    schema["properties"]["metadata"] = _OBJECT_META
-    schema["properties"]["apiVersion"] = {"const": f"{group}/v1"}
-    schema["properties"]["kind"] = {"const": kind}
-    schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
-    return f"{group}/v1", schema
+    """(apiVersion, JSON schema) of the `v1` version of the CRD for `kind` in `directory`."""
+    data = (Path(directory) / _CRD_FILES[kind]).read_bytes()
+    return _crd_schema_cached(kind, hashlib.sha256(data).hexdigest(), data)
+
+
+_schema_cache: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+
+
+def _crd_schema_cached(kind: str, digest: str, data: bytes) -> tuple[str, dict[str, Any]]:
+    key = (kind, digest)
+    if key not in _schema_cache:
+        group, entry = _crd_v1(data.decode())
+        schema = _convert(entry["schema"]["openAPIV3Schema"])
+        schema["properties"]["metadata"] = _OBJECT_META
+        schema["properties"]["apiVersion"] = {"const": f"{group}/v1"}
+        schema["properties"]["kind"] = {"const": kind}
+        schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+        _schema_cache[key] = (f"{group}/v1", schema)
+    return _schema_cache[key]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -689,7 +733,9 @@ _CORE_SCHEMAS: dict[str, dict[str, Any]] = {
                     "accessModes": {
                         "type": "array",
                         "minItems": 1,
-                        "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
+                        "items": {
+                            "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]
+                        },
                     },
                     "resources": {
                         "type": "object",
@@ -773,30 +819,36 @@ def _join(path: str, name: str) -> str:
     return name if path == "<root>" else f"{path}.{name}"
 
 
+def _format_error(err: ValidationError) -> list[str]:
+    path = _fmt_path(err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        known = set(err.schema.get("properties") or {})
+        patterns = list(err.schema.get("patternProperties") or {})
+        return [
+            f"{_join(path, str(extra))}: unknown field"
+            for extra in sorted(err.instance)
+            if extra not in known and not any(re.search(p, str(extra)) for p in patterns)
+        ]
+    if err.validator == "required" and isinstance(err.instance, dict):
+        return [
+            f"{_join(path, r)}: required field is missing"
+            for r in err.validator_value
+            if r not in err.instance
+        ]
+    if err.validator == "anyOf" and err.schema is _OBJECT_META:
+        return [f"{_join(path, 'name')}: required field is missing"]
+    if err.validator == "propertyNames" or "propertyNames" in err.schema_path:
+        return [f"{path}: invalid key {err.instance!r}"]
+    if err.validator == "pattern":
+        what = _PATTERN_NAMES.get(err.validator_value)
+        if what:
+            return [f"{path}: {err.instance!r} is not {what}"]
+        return [f"{path}: {err.instance!r} does not match {err.validator_value!r}"]
+    return [f"{path}: {err.message}"]
+
+
 def _schema_errors(validator: Any, obj: Mapping[str, Any]) -> list[str]:
-    msgs: list[str] = []
-    for err in validator.iter_errors(obj):
-        path = _fmt_path(err.absolute_path)
-        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
-            known = set((err.schema.get("properties") or {}))
-            for extra in sorted(k for k in err.instance if k not in known):
-                msgs.append(f"{_join(path, str(extra))}: unknown field")
-        elif err.validator == "required" and isinstance(err.instance, dict):
-            for missing in [r for r in err.validator_value if r not in err.instance]:
-                msgs.append(f"{_join(path, missing)}: required field is missing")
-        elif err.validator == "anyOf" and err.schema is _OBJECT_META:
-            msgs.append(f"{_join(path, 'name')}: required field is missing")
-        elif err.validator == "propertyNames":
-            msgs.append(f"{path}: invalid key {err.instance!r}")
-        elif err.validator == "pattern":
-            what = _PATTERN_NAMES.get(err.validator_value)
-            if what:
-                msgs.append(f"{path}: {err.instance!r} is not {what}")
-            else:
-                msgs.append(f"{path}: {err.instance!r} does not match {err.validator_value!r}")
-        else:
-            msgs.append(f"{path}: {err.message}")
-    return msgs
+    return [msg for err in validator.iter_errors(obj) for msg in _format_error(err)]
 
 
 def _name_rules(obj: Mapping[str, Any]) -> list[str]:
@@ -806,7 +858,9 @@ def _name_rules(obj: Mapping[str, Any]) -> list[str]:
         return []
     msgs = []
     if len(name) > _MAX_NAME_LEN[kind]:
-        msgs.append(f"metadata.name: {kind} names must be at most {_MAX_NAME_LEN[kind]} characters, got {len(name)}")
+        msgs.append(
+            f"metadata.name: {kind} names must be at most {_MAX_NAME_LEN[kind]} characters, got {len(name)}"
+        )
     if not _DNS1035_LABEL.match(name):
         msgs.append(
             f"metadata.name: {name!r} is not a DNS-1035 label (lowercase letters, digits and '-', starting with a "
@@ -869,7 +923,9 @@ def _cluster_rules(spec: Any, path: str) -> list[str]:
         gname = group.get("groupName")
         if isinstance(gname, str):
             if gname in names:
-                msgs.append(f"{gpath}.groupName: {gname!r} is already used by workerGroupSpecs[{names[gname]}]")
+                msgs.append(
+                    f"{gpath}.groupName: {gname!r} is already used by workerGroupSpecs[{names[gname]}]"
+                )
             names.setdefault(gname, i)
     auth = spec.get("authOptions")
     if isinstance(auth, Mapping) and auth.get("mode") == "token":
@@ -896,10 +952,16 @@ def _ray_rules(obj: Mapping[str, Any]) -> list[str]:
         if isinstance(ttl, int) and ttl > 0 and not spec.get("shutdownAfterJobFinishes"):
             msgs.append("spec.ttlSecondsAfterFinished: needs spec.shutdownAfterJobFinishes: true")
         if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
-            msgs.append("spec.suspend: a RayJob can be suspended only with spec.shutdownAfterJobFinishes: true")
+            msgs.append(
+                "spec.suspend: a RayJob can be suspended only with spec.shutdownAfterJobFinishes: true"
+            )
         if spec.get("rayClusterSpec") is None and not spec.get("clusterSelector"):
             msgs.append("spec.rayClusterSpec: one of spec.rayClusterSpec or spec.clusterSelector must be set")
-        for field, minimum in (("ttlSecondsAfterFinished", 0), ("backoffLimit", 0), ("activeDeadlineSeconds", 1)):
+        for field, minimum in (
+            ("ttlSecondsAfterFinished", 0),
+            ("backoffLimit", 0),
+            ("activeDeadlineSeconds", 1),
+        ):
             value = spec.get(field)
             if isinstance(value, int) and not isinstance(value, bool) and value < minimum:
                 msgs.append(f"spec.{field}: must be >= {minimum}, got {value}")
@@ -912,7 +974,11 @@ def _ray_rules(obj: Mapping[str, Any]) -> list[str]:
     elif kind == "RayService":
         strategy = spec.get("upgradeStrategy")
         allowed = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
-        if isinstance(strategy, Mapping) and strategy.get("type") is not None and strategy["type"] not in allowed:
+        if (
+            isinstance(strategy, Mapping)
+            and strategy.get("type") is not None
+            and strategy["type"] not in allowed
+        ):
             msgs.append(f"spec.upgradeStrategy.type: {strategy['type']!r} is not one of {', '.join(allowed)}")
         serve = spec.get("serveConfigV2")
         if isinstance(serve, str):
@@ -922,7 +988,9 @@ def _ray_rules(obj: Mapping[str, Any]) -> list[str]:
                 msgs.append(f"spec.serveConfigV2: not valid YAML ({e})")
             else:
                 if not isinstance(parsed, Mapping):
-                    msgs.append("spec.serveConfigV2: must be a YAML mapping (Serve config with `applications`)")
+                    msgs.append(
+                        "spec.serveConfigV2: must be a YAML mapping (Serve config with `applications`)"
+                    )
                 elif not isinstance(parsed.get("applications"), list) or not parsed["applications"]:
                     msgs.append("spec.serveConfigV2.applications: must be a non-empty list")
                 else:
@@ -940,12 +1008,17 @@ def _kubernetes_validate_errors(obj: Mapping[str, Any], kube_version: str | None
         from kubernetes_validate import utils as kv_utils  # type: ignore[import-not-found]
     except ImportError:
         return None
+    skip = tuple(
+        getattr(kv_utils, n)
+        for n in ("SchemaNotFoundError", "InvalidSchemaError", "VersionNotSupportedError")
+        if isinstance(getattr(kv_utils, n, None), type)
+    )
     version = kube_version or kubernetes_validate.latest_version()
     try:
         kubernetes_validate.validate(dict(obj), version, strict=True)
     except kv_utils.ValidationError as e:
-        return [f"{_fmt_path(e.path)}: {e.message}"]
-    except Exception:  # SchemaNotFoundError, unsupported version, ...
+        return _format_error(e) or [f"{_fmt_path(e.path)}: {e.message}"]
+    except skip:  # no schema for this kind, or an unsupported Kubernetes version
         return None
     return []
 
@@ -990,13 +1063,17 @@ def validate_manifest(
     schema = _CORE_SCHEMAS.get(kind) if api_version == "v1" else None
     if schema is not None:
         msgs += _schema_errors(_K8sValidator(schema, format_checker=_format_checker), obj)
+        if msgs:  # kubernetes-validate reports only its first error, most likely one of these
+            return _dedupe(msgs)
     extra = _kubernetes_validate_errors(obj, kube_version)
     if extra is not None:
         msgs += extra
     elif schema is None:
         return [
-            f"kind: no schema for {api_version} {kind} (built in: v1 {', '.join(sorted(_CORE_SCHEMAS))}, and "
-            "ray.io/v1 RayCluster, RayJob, RayService; install kubernetes-validate for other kinds)"
+            (
+                f"kind: no schema for {api_version} {kind} (built in: v1 {', '.join(sorted(_CORE_SCHEMAS))}, and "
+                "ray.io/v1 RayCluster, RayJob, RayService; install kubernetes-validate for other kinds)"
+            )
         ]
     return _dedupe(msgs)
 

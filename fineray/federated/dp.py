@@ -47,9 +47,7 @@ def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(total)
 
 
-def clip_update(
-    delta: Mapping[str, torch.Tensor], clip_norm: float
-) -> tuple[dict[str, torch.Tensor], float]:
+def clip_update(delta: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
     """Scales ``delta`` by ``min(1, C / ||delta||)`` so that its global L2 norm is at most ``C``.
 
     Args:

@@ -171,7 +171,9 @@ def prg(seed: bytes, length: int, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(stream, dtype=dtype.newbyteorder("<")).astype(dtype)
 
 
-def _pair_seed(private: X25519PrivateKey, peer_public: bytes, lo: int, hi: int, round_id: int, attempt: int) -> bytes:
+def _pair_seed(
+    private: X25519PrivateKey, peer_public: bytes, lo: int, hi: int, round_id: int, attempt: int
+) -> bytes:
     shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     info = _HKDF_TAG + struct.pack("<QQqq", round_id, attempt, lo, hi)
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
@@ -214,7 +216,9 @@ class SecAggClient:
         self.attempt = attempt
         self._private = private_key
 
-    def encode(self, vector: torch.Tensor, weight: float, generator: torch.Generator | None = None) -> np.ndarray:
+    def encode(
+        self, vector: torch.Tensor, weight: float, generator: torch.Generator | None = None
+    ) -> np.ndarray:
         """Fixed-point encoding of ``[weight * clip(vector); weight]`` without masks (mod ``2^b``)."""
         cfg = self.config
         if not 0 <= weight <= cfg.max_weight:
@@ -222,7 +226,9 @@ class SecAggClient:
         x = vector.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("update contains NaN/Inf; validate it before secure aggregation")
-        values = torch.cat([x.clamp(-cfg.clip, cfg.clip) * weight, torch.tensor([float(weight)], dtype=torch.float64)])
+        values = torch.cat(
+            [x.clamp(-cfg.clip, cfg.clip) * weight, torch.tensor([float(weight)], dtype=torch.float64)]
+        )
         scaled = values * cfg.scale
         if generator is None:  # rounding noise only needs to be unpredictable, not reproducible
             generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
@@ -234,7 +240,9 @@ class SecAggClient:
             return ints.view(np.uint64).copy()  # two's complement == residue mod 2^64
         return (ints & 0xFFFFFFFF).astype(np.uint32)
 
-    def mask(self, vector: torch.Tensor, weight: float, generator: torch.Generator | None = None) -> np.ndarray:
+    def mask(
+        self, vector: torch.Tensor, weight: float, generator: torch.Generator | None = None
+    ) -> np.ndarray:
         """Returns the masked encoding of ``[weight * clip(vector); weight]`` to send to the server.
 
         Args:
@@ -331,14 +339,20 @@ class SecAggServer:
         signed = total.view(np.int64 if cfg.modulus_bits == 64 else np.int32).astype(np.float64) / cfg.scale
         return torch.from_numpy(signed[:-1].copy()), float(signed[-1])
 
-    def _strip_masks(self, total: np.ndarray, dropped: int, shares: list[Share], survivors: Iterable[int]) -> None:
+    def _strip_masks(
+        self, total: np.ndarray, dropped: int, shares: list[Share], survivors: Iterable[int]
+    ) -> None:
         """Removes the masks survivors shared with ``dropped`` (its key rebuilt from Shamir shares)."""
         private = X25519PrivateKey.from_private_bytes(shamir_combine(shares, 32))
         if private.public_key().public_bytes_raw() != self.public_keys[dropped]:
             raise ValueError(f"shares of silo {dropped} do not reconstruct its key (too few or corrupted)")
         for v in survivors:
             lo, hi = min(v, dropped), max(v, dropped)
-            m = prg(_pair_seed(private, self.public_keys[v], lo, hi, self.round_id, self.attempt), total.size, total.dtype)
+            m = prg(
+                _pair_seed(private, self.public_keys[v], lo, hi, self.round_id, self.attempt),
+                total.size,
+                total.dtype,
+            )
             # Survivor v added the mask if dropped > v, subtracted it otherwise: undo that.
             if dropped > v:
                 np.subtract(total, m, out=total)

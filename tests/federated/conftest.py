@@ -21,11 +21,6 @@ def gen() -> torch.Generator:
 
 
 @pytest.fixture
-def prefixes() -> tuple[str, ...]:
-    return PREFIXES
-
-
-@pytest.fixture
 def make_adapter(gen: torch.Generator) -> AdapterFactory:
     """``make_adapter(out=24, inp=16, r=4, dtype=float64)``: random two-module PEFT adapter."""
 

@@ -86,7 +86,7 @@ def test_single_masked_vector_is_uncorrelated_and_uniform():
 def test_masks_are_fresh_per_attempt_and_prg_is_deterministic():
     # Prepare
     config = SecAggConfig(num_silos=2, clip=1.0)
-    (sk0, pk0), (sk1, pk1) = generate_keypair(), generate_keypair()
+    (sk0, pk0), (_sk1, pk1) = generate_keypair(), generate_keypair()
     public = {0: pk0, 1: pk1}
     zero = torch.zeros(64, dtype=torch.float64)
     # Execute
@@ -135,7 +135,9 @@ def test_dropout_aborts_and_rerun_without_dropped_silo_succeeds():
     assert excinfo.value.dropped == (2,) and excinfo.value.survivors == (0, 1, 3)
     assert plan.silos == (0, 1, 3) and plan.dropped == (2,) and plan.attempt == 1
     assert total == pytest.approx(3.0)
-    torch.testing.assert_close(weighted_sum, torch.full((50,), 1.0, dtype=torch.float64), atol=3 * 2.0**-16, rtol=0)
+    torch.testing.assert_close(
+        weighted_sum, torch.full((50,), 1.0, dtype=torch.float64), atol=3 * 2.0**-16, rtol=0
+    )
     with pytest.raises(ValueError, match="at least 2"):
         plan_rerun([0, 1], received=[0], attempt=0)
 

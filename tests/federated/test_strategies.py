@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from fineray.federated._lora import flatten, lora_pairs, normalise_weights, unflatten, weighted_mean
-from fineray.federated.strategies import STRATEGIES, get_strategy
-from fineray.federated.strategies import fedex_lora, fedopt, fedprox, ffa_lora, flexlora, flora
+from fineray.federated.strategies import (
+    STRATEGIES,
+    fedex_lora,
+    fedopt,
+    fedprox,
+    ffa_lora,
+    flexlora,
+    flora,
+    get_strategy,
+)
 
-PREFIXES = (
+PREFIXES = (  # the modules built by the ``make_adapter`` fixture (conftest.py)
     "base_model.model.model.layers.0.self_attn.q_proj",
     "base_model.model.model.layers.0.self_attn.v_proj",
 )
@@ -105,7 +113,9 @@ def test_flora_stacks_heterogeneous_ranks_into_base_delta(make_adapter, dense_su
 
 def test_ffa_lora_is_exact_with_shared_frozen_a(make_adapter, dense_sum):
     # Prepare
-    frozen = ffa_lora.init_frozen_a({f"{p}.lora_A.weight": (4, 16) for p in PREFIXES}, seed=3, dtype=torch.float64)
+    frozen = ffa_lora.init_frozen_a(
+        {f"{p}.lora_A.weight": (4, 16) for p in PREFIXES}, seed=3, dtype=torch.float64
+    )
     updates = []
     for _ in range(3):
         u = make_adapter()
@@ -135,11 +145,13 @@ def test_ffa_lora_init_is_deterministic_and_rejects_different_a(make_adapter):
         ffa_lora.aggregate(updates, [1.0, 1.0])
 
 
-def test_flexlora_full_rank_is_exact(make_adapter, dense_sum):
-    # Prepare: total stacked rank 12 <= min(out, in) = 16, so keeping 12 components is lossless.
-    updates = [make_adapter() for _ in range(3)]
+@pytest.mark.parametrize(("r", "target"), [(4, 12), (8, 16)])
+def test_flexlora_full_rank_is_exact(make_adapter, dense_sum, r, target):
+    # Prepare: the sum has rank <= min(3 r, in = 16) = target, so keeping target components is
+    # lossless; r = 8 stacks R = 24 > in, exercising the wide QR branch.
+    updates = [make_adapter(r=r) for _ in range(3)]
     # Execute
-    result = flexlora.aggregate(updates, WEIGHTS, rank=12)
+    result = flexlora.aggregate(updates, WEIGHTS, rank=target)
     # Assert
     for prefix in PREFIXES:
         torch.testing.assert_close(_product(result.adapter, prefix), dense_sum(updates, WEIGHTS, prefix))
@@ -182,13 +194,16 @@ def test_flexlora_keep_residual_makes_round_exact(make_adapter, dense_sum):
 def test_fedadam_and_fedyogi_one_step_match_hand_computation():
     # Prepare: x = 1, silos 0 and 3 with weights 1:3 -> mean 2.25, pseudo-gradient g = -1.25.
     glob = {"w": torch.tensor([1.0], dtype=torch.float64)}
-    updates = [{"w": torch.tensor([0.0], dtype=torch.float64)}, {"w": torch.tensor([3.0], dtype=torch.float64)}]
+    updates = [
+        {"w": torch.tensor([0.0], dtype=torch.float64)},
+        {"w": torch.tensor([3.0], dtype=torch.float64)},
+    ]
     eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     g = -1.25
     m = (1 - b1) * g
     v_adam = b2 * tau**2 + (1 - b2) * g**2
     v_yogi = tau**2 + (1 - b2) * g**2  # sign(tau^2 - g^2) = -1
-    kw = dict(global_adapter=glob, eta=eta, beta1=b1, beta2=b2, tau=tau)
+    kw = {"global_adapter": glob, "eta": eta, "beta1": b1, "beta2": b2, "tau": tau}
     # Execute
     adam = get_strategy("fedadam").aggregate(updates, [1.0, 3.0], **kw)
     yogi = get_strategy("fedyogi").aggregate(updates, [1.0, 3.0], **kw)
@@ -204,7 +219,9 @@ def test_fedadam_and_fedyogi_one_step_match_hand_computation():
 
 def test_linear_strategies_only_need_the_weighted_mean(make_adapter):
     # Prepare: what the server sees under secure aggregation is just the weighted mean.
-    frozen = ffa_lora.init_frozen_a({f"{p}.lora_A.weight": (4, 16) for p in PREFIXES}, seed=0, dtype=torch.float64)
+    frozen = ffa_lora.init_frozen_a(
+        {f"{p}.lora_A.weight": (4, 16) for p in PREFIXES}, seed=0, dtype=torch.float64
+    )
     updates = [make_adapter() | frozen for _ in range(3)]
     glob = make_adapter() | frozen
     p = normalise_weights(WEIGHTS)

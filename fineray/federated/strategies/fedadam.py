@@ -12,9 +12,7 @@ from fineray.federated.strategies.base import AggregateResult
 __all__ = ["aggregate"]
 
 
-def aggregate(
-    updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any
-) -> AggregateResult:
+def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any) -> AggregateResult:
     """FedAdam step; keyword arguments as :func:`fedopt.aggregate` (``global_adapter`` required)."""
     kw.pop("optimizer", None)
     return fedopt.aggregate(updates, weights, optimizer="adam", **kw)

@@ -21,9 +21,7 @@ from fineray.federated.strategies.base import AggregateResult, prepare
 __all__ = ["aggregate"]
 
 
-def aggregate(
-    updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any
-) -> AggregateResult:
+def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any) -> AggregateResult:
     """Example-weighted average of every tensor (A and B factors separately).
 
     Args:

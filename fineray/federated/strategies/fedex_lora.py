@@ -28,9 +28,7 @@ from fineray.federated.strategies.base import AggregateResult, BaseDelta, averag
 __all__ = ["aggregate"]
 
 
-def aggregate(
-    updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any
-) -> AggregateResult:
+def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any) -> AggregateResult:
     """Averages A and B and returns the exact factored residual.
 
     Args:

@@ -19,9 +19,7 @@ from fineray.federated.strategies.base import AggregateResult
 __all__ = ["aggregate", "proximal_term"]
 
 
-def aggregate(
-    updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any
-) -> AggregateResult:
+def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any) -> AggregateResult:
     """Server aggregation of FedProx, which is FedAvg (see :func:`fedavg.aggregate`)."""
     return fedavg.aggregate(updates, weights, **kw)
 

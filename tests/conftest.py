@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny model, small data files, and a private fineray cache per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Quieter and faster Ray Train in tests (pitfalls: report barriers wait for the controller's poll).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The cached tiny:llama model directory (built once, well under a second)."""
+    from fineray.train._tiny import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tiny_dir: Path):
+    from fineray.train.config import ModelConfig
+    from fineray.train.model import load_tokenizer
+
+    return load_tokenizer(ModelConfig(base="tiny:llama"), str(tiny_dir))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path: Path) -> Path:
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": str(2 * i)} for i in range(40)]
+    return write_jsonl(tmp_path / "alpaca.jsonl", rows)
