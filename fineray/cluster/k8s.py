@@ -339,9 +339,11 @@ def render_rayjob(
         raise TypeError(f"run_config must be a mapping, got {type(run_config).__name__}")
     if not isinstance(image, str) or not image or any(c.isspace() for c in image):
         raise ValueError(f"image must be a non-empty image reference without spaces, got {image!r}")
-    if not isinstance(storage, str) or not storage.startswith("/"):
-        raise ValueError(f"storage must be an absolute path inside the pods, got {storage!r}")
-    storage = storage.rstrip("/") or "/"
+    if not isinstance(storage, str) or not re.fullmatch(r"(/[A-Za-z0-9._-]+)+/?", storage):
+        raise ValueError(
+            f"storage must be an absolute path inside the pods (letters, digits, '.', '_', '-'), got {storage!r}"
+        )
+    storage = storage.rstrip("/")
     config = copy.deepcopy(dict(run_config))
     scaling = config.get("scaling") or {}
     if not isinstance(scaling, Mapping):
@@ -389,7 +391,7 @@ def render_rayjob(
         if namespace is not None:
             m["namespace"] = namespace
         m["labels"] = dict(labels)
-        m["annotations"] = {"fineray.io/config-sha256": digest}
+        m["annotations"] = {"fineray.io/config-hash": digest}
         return m
 
     config_map = {

@@ -151,8 +151,10 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     adapter_path = resolve_adapter(cfg)
+    from fineray.train.data import load_train_val
     from fineray.train.model import resolve_base
 
+    load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named) before any worker starts
     resolve_base(cfg.model.base)  # convert/cache the embedded model once here, not in every worker
     t0 = time.perf_counter()
     with ray_cluster(cfg.cluster.address, cfg.cluster.num_cpus):

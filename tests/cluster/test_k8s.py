@@ -438,6 +438,8 @@ def test_render_rayjob_long_output_name_is_cut_to_the_rayjob_limit():
         ({"scaling": {"resources_per_worker": {"CPU": -1}}}, "train", {}, "resources_per_worker.CPU"),
         ({"scaling": {"num_workers": 3}}, "tune", {"max_workers": 2}, "max_workers must be an integer >="),
         ({}, "train", {"storage": "relative/path"}, "storage must be an absolute path"),
+        ({}, "train", {"storage": "/"}, "storage must be an absolute path"),
+        ({}, "train", {"storage": "/mnt/my data"}, "storage must be an absolute path"),
         ({}, "train", {"namespace": "Bad_NS"}, "namespace 'Bad_NS' is not a valid Kubernetes namespace"),
         ({}, "train", {"name": "9lives"}, "must start with a letter"),
         ({}, "train", {"name": "___"}, "has no letters or digits"),

@@ -1,0 +1,79 @@
+"""Objects that live in the sweep's Ray Tune state (pickled with the Tuner, restored by `--resume`).
+
+They hold only plain data; the live pieces (rich progress bar, trials.jsonl writer) are looked up by sweep id
+in `LIVE`, so a restored Tuner's callback talks to the current driver's progress display.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ray.tune
+from ray.tune.search.optuna import OptunaSearch
+
+__all__ = ["LIVE", "SweepCallback", "Searcher", "trial_dirname", "trial_record"]
+
+# sweep id -> object with `finished(record)` and `retrying(trial_id, attempt)` (see sweep._Reporter).
+LIVE: dict[str, Any] = {}
+
+
+def trial_dirname(trial: Any) -> str:
+    """Tune trial folders are named by trial id (the trials/<id> Train storage uses the same id)."""
+    return trial.trial_id
+
+
+class Searcher(OptunaSearch):
+    """OptunaSearch that tolerates results without the objective.
+
+    Intermediate results of an eval-metric sweep (e.g. `field_accuracy`) carry only training metrics; the
+    objective arrives with the trial's last result. Stock OptunaSearch raises KeyError on such results.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        metric = self.metric
+        if isinstance(metric, str):
+            value = result.get(metric)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return
+        super().on_trial_result(trial_id, result)
+
+
+def trial_record(trial: Any) -> dict[str, Any]:
+    """A compact record of a finished Tune trial (as the driver sees it)."""
+    last = dict(trial.last_result or {})
+    rec = {"trial_id": trial.trial_id, "status": trial.status, "params": dict(trial.config or {}),
+           "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool)) or v is None},
+           "error": None}
+    if trial.status == "ERROR":
+        err = None
+        get_error = getattr(trial, "get_error", None)
+        if callable(get_error):
+            try:
+                err = get_error()
+            except Exception:  # noqa: BLE001 - best effort: the final table reads errors from the ResultGrid
+                err = None
+        rec["error"] = str(err).strip().splitlines()[-1] if err else "failed (see the final table)"
+    return rec
+
+
+class SweepCallback(ray.tune.Callback):
+    """Forwards trial completions, errors and retries to the live reporter of the sweep."""
+
+    def __init__(self, sweep_id: str) -> None:
+        self.sweep_id = sweep_id
+
+    def _live(self) -> Any:
+        return LIVE.get(self.sweep_id)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if (live := self._live()) is not None:
+            live.finished(trial_record(trial))
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if (live := self._live()) is not None:
+            live.finished(trial_record(trial))
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if (live := self._live()) is not None:
+            live.retrying(trial.trial_id, int(getattr(trial.run_metadata, "num_failures", 0)))

@@ -1,0 +1,70 @@
+"""The `fineray` CLI end to end on the tiny model (real subprocesses), and its error messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FINERAY = [sys.executable, "-m", "fineray.cli"]
+
+
+def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    p = subprocess.run([*FINERAY, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"fineray {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.mark.integration
+def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(f"model: {{base: 'tiny:llama'}}\ndata: {{train: {alpaca_file}, validation: 0.2}}\n"
+                   "train: {max_steps: 4, eval_every: 2, batch_size: 4, lr: 0.01}\n"
+                   "output: {dir: runs, registry: reg, name: cli-run}\n"
+                   f"eval: {{data: {alpaca_file}, max_examples: 3, max_new_tokens: 4, metrics: [exact_match]}}\n")
+    p = run("train", str(cfg), "scaling.num_workers=1", "lora.r=4", "--no-progress", "--json", "out.json",
+            cwd=tmp_path)
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["steps"] == 4 and summary["registry_ref"] == "cli-run@v1"
+    assert "held-out evaluation" in p.stdout and "exact_match" in p.stdout
+
+    listing = run("adapters", "list", "--registry", "reg", cwd=tmp_path).stdout
+    assert "cli-run@v1" in listing and "tiny:llama" in listing
+    shown = json.loads(run("adapters", "show", "cli-run", "--registry", "reg", cwd=tmp_path).stdout)
+    assert shown["hyperparameters"]["lora"]["r"] == 4 and shown["ref"] == "cli-run@v1"
+
+    ev = run("eval", str(cfg), "--adapter", "cli-run", "eval.general_text=null", cwd=tmp_path).stdout
+    assert "base" in ev and "tuned" in ev
+
+    run("export", "cli-run", "merged", "--registry", "reg", cwd=tmp_path)
+    merged = tmp_path / "merged"
+    assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
+    assert (merged / "tokenizer_config.json").is_file()
+
+    run("adapters", "rm", "cli-run@v1", "--registry", "reg", "--yes", cwd=tmp_path)
+    assert "cli-run@v1" not in run("adapters", "list", "--registry", "reg", cwd=tmp_path).stdout
+
+
+def test_bad_inputs_give_clear_errors(tmp_path: Path):
+    (tmp_path / "broken.yaml").write_text("train:\n  lr: [1\n")
+    p = run("train", "broken.yaml", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "broken YAML at" in p.stderr and "broken.yaml:" in p.stderr
+
+    (tmp_path / "typo.yaml").write_text("train:\n  lrr: 1\n")
+    p = run("train", "typo.yaml", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "train.lrr: unknown key" in p.stderr
+
+    p = run("train", "missing.yaml", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "config file not found" in p.stderr
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": broken}\n')
+    (tmp_path / "data.yaml").write_text("model: {base: 'tiny:llama'}\ndata: {train: bad.jsonl}\n")
+    p = run("train", "data.yaml", "--no-progress", cwd=tmp_path, check=False)
+    assert p.returncode != 0 and "bad.jsonl:2: invalid JSON" in (p.stderr + p.stdout)
+
+    p = run("adapters", "show", "nope", "--registry", str(tmp_path / "reg"), cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "no adapter named 'nope'" in p.stderr
