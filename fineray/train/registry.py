@@ -164,7 +164,9 @@ class AdapterRegistry:
         storage.upload_dir(src, self.fs, stage)
         storage.atomic_write_bytes(self.fs, f"{stage}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         for _ in range(100):  # another writer may take the same version number: take the next one
-            version = max([v.version for v in self.versions(name)], default=0) + 1
+            # Count unpublished leftovers too (a crashed writer's v<N> without manifest): never reuse a number.
+            taken = [int(e[1:]) for e in storage.listdir(self.fs, f"{self.path}/{name}") if re.fullmatch(r"v\d+", e)]
+            version = max(taken, default=0) + 1
             try:
                 storage.rename(self.fs, stage, f"{self.path}/{name}/v{version}")
                 break

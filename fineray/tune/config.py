@@ -83,7 +83,7 @@ class TuneConfig(_Section):
         seed: seed of Optuna's TPE sampler.
         base_first: evaluate the base config's own values as the first trial.
         max_failures: retries of a failing trial (each retry resumes the trial's last checkpoint).
-        register: register the best trial's adapter in `output.registry`.
+        register_adapter: register the best trial's adapter in `output.registry`.
         registry_name: adapter name for the best trial (default: the sweep name without timestamp).
         plots: write optimisation-history / parameter-importance PNGs.
     """
@@ -97,7 +97,7 @@ class TuneConfig(_Section):
     seed: int = 0
     base_first: bool = True
     max_failures: int = Field(1, ge=0)
-    register: bool = True
+    register_adapter: bool = True
     registry_name: str | None = None
     plots: bool = True
 

@@ -182,7 +182,8 @@ def _strip_config_items(spec: dict) -> dict:
             if "configMap" in v:
                 v["configMap"].pop("items", None)
         for c in containers(group):
-            c.pop("ports", None)
+            c.pop("ports", None)  # the RayService adds the serve port and the API keys
+            c["env"] = [e for e in c["env"] if e["name"] != "FINERAY_API_KEYS"]
         group.pop("replicas", None), group.pop("minReplicas", None), group.pop("maxReplicas", None)
     return spec
 
@@ -229,11 +230,14 @@ def test_sample_configs_are_valid_run_configs():
         assert cfg.cluster.address == "auto", label
         assert cfg.output.dir == "/mnt/fineray/runs" and cfg.output.registry == "/mnt/fineray/adapters", label
         assert cfg.scaling.use_gpu is label.startswith("base/"), label
+        if label.endswith("tune.yaml"):
+            tune = pytest.importorskip("fineray.tune.config")
+            tune.validate_search_space(cfg, tune.parse_tune_config(cfg))
 
 
 def test_secret_stub_holds_no_secret():
     (secret,) = [d for _, d in base_docs() if d["kind"] == "Secret"]
-    assert set(secret["stringData"]) == {"auth_token", "HF_TOKEN"}
+    assert set(secret["stringData"]) == {"auth_token", "HF_TOKEN", "FINERAY_API_KEYS"}
     assert all(v == "" for v in secret["stringData"].values())
     assert "data" not in secret
 

@@ -45,7 +45,8 @@ def test_tampered_file_fails_verify(tmp_path: Path):
 def test_unpublished_stage_is_invisible(tmp_path: Path):
     reg = AdapterRegistry(str(tmp_path / "reg"))
     (tmp_path / "reg" / "x" / ".stage-123").mkdir(parents=True)
-    (tmp_path / "reg" / "x" / "v1").mkdir()  # a crashed writer: no manifest, so not a version
+    (tmp_path / "reg" / "x" / "v1").mkdir()  # a crashed writer: files but no manifest, so not a version
+    (tmp_path / "reg" / "x" / "v1" / "adapter_model.safetensors").write_bytes(b"partial")
     assert reg.list() == []
     with pytest.raises(RegistryError, match="no adapter named 'x'"):
         reg.get("x")

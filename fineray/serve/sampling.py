@@ -1,0 +1,135 @@
+"""Per-row sampling and incremental detokenisation for the batched decode loop.
+
+Every row of a batch keeps its own parameters (temperature, top-p, penalties, logit bias, seed), so requests
+with different settings share one forward pass and still sample exactly as if they ran alone: a seeded
+request draws from its own `torch.Generator`, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["SamplingParams", "RowSampler", "TextTracker", "sample_rows"]
+
+
+@dataclass
+class SamplingParams:
+    """Generation settings of one sequence (OpenAI semantics; temperature 0 = greedy)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class RowSampler:
+    """Sampling state of one row: its generator and (when penalties are on) its token counts."""
+
+    def __init__(self, params: SamplingParams, vocab: int, device: torch.device, fallback: torch.Generator):
+        self.p = params
+        self.greedy = params.temperature == 0
+        self.gen = fallback
+        if not self.greedy and params.seed is not None:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        self.counts = (torch.zeros(vocab, device=device)
+                       if params.presence_penalty or params.frequency_penalty else None)
+        self.bias = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab, device=device)
+            for tok, b in params.logit_bias.items():
+                if 0 <= tok < vocab:
+                    self.bias[tok] = b
+
+    def observe(self, token: int) -> None:
+        if self.counts is not None:
+            self.counts[token] += 1
+
+
+@torch.no_grad()
+def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
+    """Next token of every row from last-position logits `(rows, vocab)`."""
+    logits = logits.float()
+    out: list[int] = []
+    greedy_idx = [i for i, s in enumerate(samplers) if s.greedy and s.counts is None and s.bias is None]
+    argmax = logits.argmax(-1).tolist() if greedy_idx else None
+    for i, s in enumerate(samplers):
+        if argmax is not None and s.greedy and s.counts is None and s.bias is None:
+            out.append(argmax[i])
+            continue
+        row = logits[i]
+        if s.bias is not None:
+            row = row + s.bias
+        if s.counts is not None:  # OpenAI: logit -= count * frequency + (count > 0) * presence
+            row = row - s.counts * s.p.frequency_penalty - (s.counts > 0).float() * s.p.presence_penalty
+        if s.greedy:
+            out.append(int(row.argmax()))
+            continue
+        probs = torch.softmax(row / s.p.temperature, dim=-1)
+        if s.p.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < s.p.top_p  # smallest prefix whose mass reaches top_p
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+        out.append(int(torch.multinomial(probs, 1, generator=s.gen)))
+    return out
+
+
+class TextTracker:
+    """Turns a growing token sequence into text deltas, cut at stop strings.
+
+    Text that may still change is held back: a trailing replacement character (an incomplete UTF-8 sequence
+    of a byte-level tokenizer) and any suffix that could be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str]):
+        self.tok = tokenizer
+        self.stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already sent
+        self.text = ""
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Append a token; return (new text to send, whether a stop string was hit)."""
+        self.ids.append(token)
+        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        cut = self._first_stop()
+        if cut is not None:
+            self.text = self.text[:cut]
+            return self._advance(len(self.text)), True
+        safe = len(self.text.rstrip("\ufffd"))
+        for s in self.stops:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if self.text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._advance(safe), False
+
+    def flush(self) -> str:
+        """Everything not yet sent (at the end of the sequence)."""
+        return self._advance(len(self.text))
+
+    def _first_stop(self) -> int | None:
+        if not self.stops:
+            return None
+        start = max(0, self.emitted - max(len(s) for s in self.stops))
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _advance(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        delta = self.text[self.emitted:upto]
+        self.emitted = upto
+        return delta
