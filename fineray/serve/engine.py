@@ -149,6 +149,7 @@ class Engine:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._plain_cache = True  # cleared when the model's cache layers cannot be merged/trimmed
+        self._prefilling: list[_Row] = []
         self._thread = threading.Thread(target=self._loop, name="fineray-engine", daemon=True)
         self._thread.start()
 
@@ -330,12 +331,12 @@ class Engine:
                         self._step()
             except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
                 log.exception("generation failed")
-                for row in self._rows + [r for r in getattr(self, "_prefilling", [])]:
+                for row in self._rows + self._prefilling:
                     if not row.done:
                         row.done = True
                         self._finish_req(row.req, GenEvent(error=f"{type(e).__name__}: {e}"))
                 self._rows, self._cache, self._mask = [], None, None
-            self._prefilling: list[_Row] = []
+            self._prefilling = []
             self._collect_adapters()
         for r in list(self._pending) + [row.req for row in self._rows if not row.done]:
             self._finish_req(r, GenEvent(error="engine is shutting down"))
