@@ -200,6 +200,45 @@ def adapters_rm(ref: str, registry: str = typer.Option("adapters"),
     console.print("removed " + ", ".join(v.ref for v in removed))
 
 
+# ---------------------------------------------------------------------------------------------- k8s
+@k8s_app.command("render")
+def k8s_render(config: Path = typer.Argument(..., help="Run config YAML."),
+               overrides: Optional[list[str]] = typer.Argument(None),
+               image: str = typer.Option(..., help="Container image, e.g. REGISTRY/fineray:TAG."),
+               kind: str = typer.Option("train", help="train | tune | federated"),
+               name: Optional[str] = typer.Option(None, help="RayJob name (default from output.name)."),
+               namespace: Optional[str] = typer.Option(None),
+               storage: str = typer.Option("/mnt/fineray", help="Shared storage mount or URI for outputs.")) -> None:
+    """Render a KubeRay RayJob (plus its ConfigMap) for a run config; workers/GPUs/CPUs from `scaling`."""
+    cfg = _load(config, list(overrides or []))
+    from fineray.cluster.k8s import dump_yaml, render_rayjob, validate_manifest
+
+    try:
+        objs = render_rayjob(cfg.to_dict(), kind, image, name=name, storage=storage, namespace=namespace)
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
+    problems = [p for o in objs for p in validate_manifest(o)]
+    if problems:
+        _fail("rendered manifest does not validate:\n  " + "\n  ".join(problems), 1)
+    sys.stdout.write(dump_yaml(objs))
+
+
+@k8s_app.command("validate")
+def k8s_validate(files: list[Path] = typer.Argument(..., help="Manifest YAML files (multi-document allowed).")) -> None:
+    """Validate manifests against the KubeRay CRD schemas and core Kubernetes schemas."""
+    from fineray.cluster.k8s import load_yaml_documents, validate_manifest
+
+    bad = 0
+    for f in files:
+        for i, doc in enumerate(load_yaml_documents(f.read_text())):
+            for p in validate_manifest(doc):
+                bad += 1
+                err.print(f"{f}[{i}] {doc.get('kind')}/{doc.get('metadata', {}).get('name')}: {p}")
+    if bad:
+        raise typer.Exit(1)
+    console.print(f"{len(files)} file(s) valid")
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

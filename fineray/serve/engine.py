@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import inspect
 import logging
 import threading
 import time
@@ -130,6 +131,8 @@ class Engine:
         self._peft: Any = None
         self.base = base
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, and goes in 5.40)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = eos if isinstance(eos, list) else [eos]
@@ -349,8 +352,8 @@ class Engine:
         if self._peft is not None:
             model = self._peft
             kwargs["adapter_names"] = [r.peft_name for r in rows]
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1, **kwargs)
+        kwargs[self._cache_kw] = cache
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kwargs)
         logits = out.logits[:, -1, :]
         if self.on_step is not None:
             self.on_step(kind, len(rows), len({r.req.adapter for r in rows}), time.perf_counter() - t0)

@@ -22,6 +22,9 @@ __all__ = [
     "DatasetSpec",
     "DataConfig",
     "TrainConfig",
+    "FastConfig",
+    "FsdpConfig",
+    "DeepSpeedConfig",
     "ScalingConfig",
     "OutputConfig",
     "ClusterConfig",
@@ -93,13 +96,15 @@ class DataConfig(_Section):
         train_on_prompt: compute the loss on prompt tokens too (default: response tokens only).
         on_error: what to do with a malformed record: `fail` (default) or `skip` (counted).
         max_examples: cap on training examples after filtering (handy for smoke runs).
+        packing: concatenate each micro-batch's examples into one row with per-document positions and a
+            document-masked attention (no padding, no cross-attention between examples); `auto` packs on GPU.
     """
 
     train: str | list[DatasetSpec] = "fineray:support-tickets"
     validation: str | float | None = 0.1
     format: Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text"] = "auto"
     max_seq_len: int = Field(512, ge=8)
-    packing: bool = False
+    packing: bool | Literal["auto"] = "auto"
     train_on_prompt: bool = False
     on_error: Literal["fail", "skip"] = "fail"
     max_examples: int | None = Field(None, ge=1)
@@ -117,6 +122,51 @@ class DataConfig(_Section):
         if isinstance(self.train, str):
             return [DatasetSpec(path=self.train)]
         return list(self.train)
+
+
+class FastConfig(_Section):
+    """GPU fast-path switches (`fineray.train.fastpath`). `auto` is on when training on a CUDA GPU, off on CPU.
+
+    Attributes:
+        packing_attention: document-masked attention for packed rows: `varlen` (flash varlen kernel, CUDA),
+            `flex` (FlexAttention block mask), `sdpa` (dense block-diagonal mask; any device), `auto`.
+        chunked_loss: cross-entropy computed in token chunks straight from the hidden states, never
+            materialising the full logits over the vocabulary.
+        loss_chunk_tokens: tokens per loss chunk (default: ~1 GiB of fp32 logits per chunk).
+        compile: `torch.compile` each decoder layer (regional compilation; attention stays eager).
+        group_by_length: batch examples of similar length together (less padding when not packing).
+    """
+
+    packing_attention: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
+    chunked_loss: bool | Literal["auto"] = "auto"
+    loss_chunk_tokens: int | None = Field(None, ge=16)
+    compile: bool | Literal["auto"] = "auto"
+    group_by_length: bool = False
+
+
+class FsdpConfig(_Section):
+    """PyTorch FSDP2 (`fully_shard`) settings for `train.strategy: fsdp` (full shard, one group per block)."""
+
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = True
+    mixed_precision: bool = Field(True, description="bf16 compute/params, fp32 gradient reduction (GPU)")
+    cpu_offload: bool = False
+
+
+class DeepSpeedConfig(_Section):
+    """DeepSpeed ZeRO settings for `train.strategy: deepspeed`; the JSON config is generated from the run
+    config, and `config_file` (a user JSON) is merged on top of it."""
+
+    stage: Literal[2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config_file: str | None = None
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3 (ZeRO-2 does not partition parameters)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -142,6 +192,11 @@ class TrainConfig(_Section):
     max_failures: int = Field(1, ge=-1, description="worker-failure retries from the last checkpoint")
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     threads_per_worker: int | None = Field(None, ge=1)
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="paged_adamw_8bit: bitsandbytes paged 8-bit AdamW (GPU; handy with QLoRA)")
+    fast: FastConfig = FastConfig()
+    fsdp: FsdpConfig = FsdpConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
 
 class ScalingConfig(_Section):
