@@ -20,8 +20,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["JobError", "resolve_address", "resolve_token", "auth_headers", "is_local_address", "probe_dashboard",
-           "connect", "DEFAULT_DASHBOARD_PORT"]
+__all__ = [
+    "DEFAULT_DASHBOARD_PORT",
+    "JobError",
+    "auth_headers",
+    "connect",
+    "is_local_address",
+    "probe_dashboard",
+    "raise_for_auth",
+    "resolve_address",
+    "resolve_token",
+    "translate_error",
+]
 
 DEFAULT_DASHBOARD_PORT = 8265
 TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -57,7 +67,7 @@ def resolve_address(address: str | None) -> str:
     if not address:
         raise JobError("no Ray cluster address: pass --address http://<head>:8265 or set RAY_ADDRESS "
                        "to the dashboard URL")
-    address = address.strip().rstrip("/")
+    address = raw = address.strip().rstrip("/")
     if address in ("auto", "local"):
         raise JobError(f"{source}={address!r} is not a dashboard URL: pass http://<head>:8265 (for a head on "
                        f"this machine: http://127.0.0.1:8265)")
@@ -71,15 +81,15 @@ def resolve_address(address: str | None) -> str:
         try:
             port = parts.port
         except ValueError:
-            raise JobError(f"{source}={address!r}: bad port") from None
+            raise JobError(f"{source}={raw!r}: bad port") from None
         if port is None:  # a bare http host is a head's dashboard; https without a port is an ingress
             port = 443 if scheme == "https" else DEFAULT_DASHBOARD_PORT
     else:
-        raise JobError(f"{source}={address!r}: use an http(s):// dashboard URL, e.g. http://<head>:8265")
+        raise JobError(f"{source}={raw!r}: use an http(s):// dashboard URL, e.g. http://<head>:8265")
     if not parts.hostname:
-        raise JobError(f"{source}={address!r}: no host name")
+        raise JobError(f"{source}={raw!r}: no host name")
     if port == 6379:
-        raise JobError(f"{source}={address!r} is the GCS port; the Jobs API is served by the dashboard "
+        raise JobError(f"{source}={raw!r} is the GCS port; the Jobs API is served by the dashboard "
                        f"(default port {DEFAULT_DASHBOARD_PORT})")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
@@ -206,7 +216,7 @@ def translate_error(e: BaseException, url: str, token: str | None, source: str) 
     try:
         from ray.exceptions import AuthenticationError
     except ImportError:  # pragma: no cover - ray always has it in 2.60
-        AuthenticationError = ()  # noqa: N806
+        AuthenticationError = ()
     if isinstance(e, AuthenticationError) or text.startswith("Authentication"):
         try:
             raise_for_auth(403 if token else 401, url, token, source)

@@ -200,19 +200,32 @@ class Engine:
     # ------------------------------------------------------------------ requests (any thread)
     def submit(self, reqs: list[GenRequest]) -> None:
         """Queue requests; a list submitted together is prefilled in one forward pass when it fits."""
+        err = self.submit_groups([reqs])[0]
+        if err is not None:
+            raise err
+
+    def submit_groups(self, groups: list[list[GenRequest]]) -> list[EngineError | None]:
+        """Queue several groups at once (all-or-nothing per group); returns each group's error or None."""
+        errors: list[EngineError | None] = []
         with self._cv:
-            if self._closed:
-                raise EngineError("engine is closed")
-            for r in reqs:
-                if r.adapter != BASE and r.adapter not in self._adapters:
-                    raise EngineError(f"adapter {r.adapter!r} is not loaded")
-                if not r.prompt_ids:
-                    raise EngineError("empty prompt")
-            for r in reqs:
-                if r.adapter != BASE:
-                    self._adapters[r.adapter].refs += 1
-                self._pending.append(r)
+            for reqs in groups:
+                err = None
+                if self._closed:
+                    err = EngineError("engine is closed")
+                for r in reqs:
+                    if err is None and r.adapter != BASE and r.adapter not in self._adapters:
+                        err = EngineError(f"adapter {r.adapter!r} is not loaded")
+                    if err is None and not r.prompt_ids:
+                        err = EngineError("empty prompt")
+                errors.append(err)
+                if err is not None:
+                    continue
+                for r in reqs:
+                    if r.adapter != BASE:
+                        self._adapters[r.adapter].refs += 1
+                    self._pending.append(r)
             self._cv.notify_all()
+        return errors
 
     def cancel(self, request_id: str) -> None:
         """Stop generating for a request (a client that went away)."""

@@ -61,11 +61,13 @@ def shard_batches(n_items: int, batch_size: int, rank: int, world: int, seed: in
 
 
 def epoch_batches(data: list[Tokenized], batch_size: int, rank: int, world: int, seed: int,
-                  start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, list[Tokenized]]]:
+                  start_epoch: int = 0, start_batch: int = 0, group_by_length: bool = False
+                  ) -> Iterator[tuple[int, int, list[Tokenized]]]:
     """Endless (epoch, batch_index, items) stream for one rank, starting at a saved position."""
     epoch, skip = start_epoch, start_batch
+    lengths = [len(t) for t in data] if group_by_length else None
     while True:
-        batches = shard_batches(len(data), batch_size, rank, world, seed, epoch)
+        batches = shard_batches(len(data), batch_size, rank, world, seed, epoch, group_by_length=lengths)
         for b in range(skip, len(batches)):
             yield epoch, b, [data[i] for i in batches[b]]
         epoch, skip = epoch + 1, 0

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from fineray.cluster import storage
 from fineray.cluster.connect import ray_cluster
 from fineray.train.config import RunConfig
 from fineray.train.diagnostics import diagnose
@@ -35,10 +36,18 @@ class TrainingError(RuntimeError):
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    """The run directory (local). Names default to `<base>-<method>-<timestamp>`."""
+    """The local run directory. Names default to `<base>-<method>-<timestamp>`.
+
+    With a remote `output.dir` (s3://, gs://) this is a local staging folder in the cache, uploaded to
+    `output.dir/output.name` at the end; Ray Train checkpoints go to the remote storage directly.
+    """
     if not cfg.output.name:
         base = cfg.model.base.split(":")[-1].split("/")[-1]
         cfg.output.name = f"{base}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if storage.is_remote(cfg.output.dir):
+        from fineray.train._cache import cache_dir
+
+        return cache_dir() / "runs" / hashlib.sha256(cfg.output.dir.encode()).hexdigest()[:12] / cfg.output.name
     return Path(cfg.output.dir).expanduser().resolve() / cfg.output.name
 
 
@@ -156,12 +165,15 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
 
     load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named) before any worker starts
     resolve_base(cfg.model.base)  # convert/cache the embedded model once here, not in every worker
+    remote = storage.is_remote(cfg.output.dir)
+    ray_storage = storage.join(cfg.output.dir, cfg.output.name) if remote else None
     t0 = time.perf_counter()
     with ray_cluster(cfg.cluster.address, cfg.cluster.num_cpus):
         from fineray.train._progress import ProgressBoard, watch_progress
 
         board = ProgressBoard()
-        trainer = make_trainer(cfg, run_dir, adapter_path=adapter_path, board=board, callbacks=callbacks)
+        trainer = make_trainer(cfg, run_dir, adapter_path=adapter_path, board=board, callbacks=callbacks,
+                               storage_path=ray_storage)
         with watch_progress(board, cfg.train.max_steps, enabled=progress):
             try:
                 result = trainer.fit()
@@ -198,6 +210,10 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         summary["registry_ref"] = version.ref
         summary["registry_uri"] = version.uri
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if remote:
+        fs, path = storage.open_fs(ray_storage)
+        storage.upload_dir(run_dir, fs, path)
+        summary["run_dir"] = ray_storage
     return summary
 
 

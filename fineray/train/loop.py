@@ -17,11 +17,14 @@ from typing import Any
 import torch
 
 from fineray.train.batches import collate, epoch_batches, shard_batches
-from fineray.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from fineray.train.checkpoint import LoopState
 from fineray.train.config import RunConfig
 from fineray.train.data import load_train_val
-from fineray.train.model import count_parameters, load_for_training
+from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
+from fineray.train.fastpath import forward_loss as fast_forward_loss
+from fineray.train.model import count_parameters, load_for_training, pick_dtype
 from fineray.train.session import RaySession, Session
+from fineray.train.strategies import make_strategy
 from fineray.train.templates import Tokenized, tokenize_all
 
 __all__ = ["train_loop", "ray_worker_entry", "build_data", "evaluate_loss", "forward_loss", "make_scheduler"]
@@ -90,14 +93,15 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     use_gpu = session.device.type == "cuda"
     tok, model = load_for_training(cfg, use_gpu=use_gpu, adapter_path=adapter_path, device=session.device)
     trainable, total_params = count_parameters(model)
+    # Fast path (packing, chunked loss, compile) and strategy (ddp/fsdp/deepspeed): see fastpath.py, strategies.py
+    fast = resolve_fast(cfg, use_gpu, pick_dtype(cfg.model.dtype, use_gpu))
+    model = apply_fast_path(model, fast)
     data_stats: dict[str, int] = {}
     train_data, val_data = build_data(cfg, tok, data_stats)
-    model = session.prepare_model(model)
+    strategy = make_strategy(cfg, session)
+    model, optimizer = strategy.prepare(model)
     model.train()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                                  fused=use_gpu or None)
     world = session.world_size
     steps_per_epoch = len(shard_batches(len(train_data), tcfg.batch_size, 0, world, tcfg.seed, 0)) // tcfg.grad_accum
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * max(steps_per_epoch, 1)))
@@ -113,20 +117,21 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     state = LoopState()
     ckpt = session.get_checkpoint()
     if ckpt:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        state = strategy.load(ckpt, model, optimizer, scheduler)
     static = {"trainable_params": trainable, "total_params": total_params, "world_size": world,
               "total_steps": total_steps, **{f"data_{k}": v for k, v in data_stats.items()}}
     if session.rank == 0:
         print(f"[fineray] rank0: {len(train_data)} train / {len(val_data)} val examples, "
-              f"{trainable:,} trainable of {total_params:,} params, {total_steps} steps"
+              f"{trainable:,} trainable of {total_params:,} params, {total_steps} steps, "
+              f"strategy={strategy.name}, {fast.describe()}"
               + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
 
     def write_ckpt(target: Path) -> None:
-        save_checkpoint(target, model, optimizer, scheduler, state, base_name=cfg.model.base)
+        strategy.save(target, model, optimizer, scheduler, state, final=state.step >= total_steps or bool(stop_reason))
 
     # ---------------------------------------------------------------- loop
     stream = epoch_batches(train_data, tcfg.batch_size, session.rank, world, tcfg.seed,
-                           state.epoch, state.batch_in_epoch)
+                           state.epoch, state.batch_in_epoch, group_by_length=fast.group_by_length)
     pad_id = tok.pad_token_id
     t_window, tok_window = time.perf_counter(), 0
     stop_reason = None
@@ -136,12 +141,11 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
         loss_sum, target_sum = 0.0, 0
         for micro in range(tcfg.grad_accum):
             epoch, b_idx, items = next(stream)
-            batch = {k: v.to(session.device) for k, v in collate(items, pad_id, 8 if use_gpu else 1).items()}
-            sync = micro == tcfg.grad_accum - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), amp():
-                loss, n_target = forward_loss(model, batch)
+            batch = to_device(make_batch(items, pad_id, fast), session.device)
+            with strategy.no_sync(model, micro == tcfg.grad_accum - 1), amp():
+                loss, n_target = fast_forward_loss(model, batch, fast)
                 scaled = loss / tcfg.grad_accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
+            strategy.backward(scaled, scaler)
             loss_sum += float(loss.detach())
             target_sum += n_target
             tok_window += int(batch["attention_mask"].sum())
@@ -153,16 +157,8 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
                 print(f"[fineray] loss is {train_loss} at step {state.step + 1}: stopping. Lower train.lr, "
                       "enable train.grad_clip, or check the data for empty targets.", flush=True)
             break
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip or float("inf")))
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        grad_norm = strategy.step(model, optimizer, scaler)  # clip, optimizer step, zero grads
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
 
         row: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "train_loss": train_loss,
@@ -192,14 +188,27 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
                                           for k, v in row.items()), flush=True)
         if last or stop_reason or state.step % ckpt_every == 0 or "val_loss" in row:
             # Reports are barriers across workers (and cost ~1 s in Ray Train V2), so only at these points.
-            session.report({**static, **row, "done": bool(last or stop_reason), "stop_reason": stop_reason},
-                           write_ckpt)
+            strategy.report(session, {**static, **row, "done": bool(last or stop_reason),
+                                      "stop_reason": stop_reason}, write_ckpt)
     # ---------------------------------------------------------------- cleanup
     if stop_reason == "diverged":
         session.report({**static, "step": state.step, "done": True, "stop_reason": "diverged"}, None)
     if use_gpu:
         torch.cuda.empty_cache()
     return state
+
+
+def _quiet_ray_train_reports() -> None:
+    # Ray Train V2 logs every report with its full metrics dict at INFO; our own step lines say it better.
+    import logging
+
+    try:
+        import ray.train.v2._internal.execution.context as ctx
+
+        logging.getLogger(ctx.__file__).setLevel(logging.WARNING)
+        logging.getLogger("ray.train.v2._internal.execution.storage").setLevel(logging.WARNING)
+    except ImportError:  # internals moved: keep the default logging
+        pass
 
 
 def ray_worker_entry(config: dict[str, Any]) -> None:
@@ -210,4 +219,5 @@ def ray_worker_entry(config: dict[str, Any]) -> None:
         cpus = int((cfg.scaling.resources_per_worker or {}).get("CPU", 1))
         torch.set_num_threads(max(1, cpus))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_ray_train_reports()
     train_loop(cfg, RaySession(config.get("progress_board")), adapter_path=config.get("adapter_path"))

@@ -1,0 +1,476 @@
+"""The coordinator's federation state machine, shared by the Ray simulation and the HTTPS coordinator.
+
+Transport-agnostic and thread-safe: the simulation driver and the HTTP handlers call the same methods.
+A round goes::
+
+    open_round -> [train: updates | (secagg) public keys] -> [mask: masked vectors] -> close_round
+
+* Participants are sampled per round (``fraction_fit``, at least ``min_silos``) among available silos.
+* Submissions are idempotent per ``(round, silo)`` (and ``(round, attempt, silo)`` for secagg): a silo
+  that reconnects and sends again gets ``duplicate`` and the first copy counts.
+* Updates are screened on arrival (malformed body, NaN/Inf, wrong keys/shapes, FFA-LoRA's frozen A
+  changed, delta norm over ``max_update_norm``); a rejected silo is reported and the round goes on.
+* :meth:`tick` enforces deadlines: after ``round_timeout_s`` the round closes with what arrived
+  (late silos are reported as stragglers). Under secure aggregation, a silo that posted its key but
+  not its masked vector within ``mask_timeout_s`` aborts the masking attempt; the survivors re-key
+  and re-mask (no retraining) under a fresh attempt number (:func:`~fineray.federated.secagg.plan_rerun`).
+* A round with fewer than ``min_silos`` accepted contributions leaves the global adapter unchanged.
+* Every closed round is checkpointed (:mod:`.state`); a new instance on the same folder resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fineray.federated import adapters as ad
+from fineray.federated._lora import flatten, lora_pairs, unflatten
+from fineray.federated.config import FederatedConfig
+from fineray.federated.dp import DPAccountant, add_noise, private_mean, secure_generator, update_norm
+from fineray.federated.robust import validate_update
+from fineray.federated.secagg import SecAggConfig, SecAggServer, plan_rerun
+from fineray.federated.state import FederationSnapshot, load_snapshot, save_snapshot
+from fineray.federated.wire import WireError, pack_tensors, sha256_bytes, unpack_array, unpack_tensors
+
+__all__ = ["Federation", "RoundState", "SubmitError", "trainable_keys"]
+
+
+class SubmitError(Exception):
+    """A submission refused outright; ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def trainable_keys(adapter: dict[str, torch.Tensor], fcfg: FederatedConfig) -> list[str]:
+    """Keys the silos change: every key, except FFA-LoRA's frozen ``A`` factors."""
+    if fcfg.trains_a:
+        return sorted(adapter)
+    frozen = {a for a, _ in lora_pairs(adapter).values()}
+    return sorted(k for k in adapter if k not in frozen)
+
+
+@dataclass
+class RoundState:
+    """The round being trained (not checkpointed: a restarted coordinator re-opens it)."""
+
+    round: int
+    attempt: int
+    participants: list[str]
+    planned: int
+    opened_at: float
+    deadline: float
+    phase: str = "train"  # "train" (updates or public keys) | "mask" (masked vectors)
+    updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    responded: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, bytes] = field(default_factory=dict)
+    keyset: dict[str, bytes] | None = None
+    masked: dict[str, np.ndarray] = field(default_factory=dict)
+    masked_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+class Federation:
+    """Global adapter, rounds, submissions, aggregation, privacy accounting and checkpoints.
+
+    Args:
+        run_cfg: The run config (model, LoRA, local training settings).
+        fcfg: The validated federated section.
+        state_dir: Checkpoint folder; an existing checkpoint there is resumed.
+        clock: Monotonic clock in seconds (tests pass a fake one).
+        noise_generator: DP noise source (default: seeded from ``os.urandom``).
+        init_adapter: ``() -> (tensors, adapter_config)`` for round 0 (default: PEFT's init of the base).
+    """
+
+    def __init__(self, run_cfg: Any, fcfg: FederatedConfig, state_dir: str | Path, *,
+                 clock: Callable[[], float] = time.monotonic, noise_generator: torch.Generator | None = None,
+                 init_adapter: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> None:
+        self.run_cfg, self.fcfg, self.state_dir = run_cfg, fcfg, Path(state_dir)
+        self.strategy = fcfg.strategy_obj
+        self.clock = clock
+        self.silos = [s.name for s in fcfg.silos]
+        self.silo_ids = {name: i for i, name in enumerate(sorted(self.silos))}
+        self.silo_rank = {s.name: s.rank or run_cfg.lora.r for s in fcfg.silos}
+        self.global_rank = max([run_cfg.lora.r, *self.silo_rank.values()])
+        self._lock = threading.RLock()
+        self._noise = noise_generator
+        self.accountant = (DPAccountant(fcfg.dp.noise_multiplier, fcfg.participants_per_round() / len(self.silos),
+                                        fcfg.dp.delta) if fcfg.dp.enabled else None)
+        self.current: RoundState | None = None
+        self.last_seen: dict[str, float] = {}
+        snap = load_snapshot(self.state_dir)
+        self.resumed = snap is not None
+        if snap is None:
+            init = init_adapter or (lambda: ad.initial_adapter(run_cfg, fcfg.seed, self.global_rank))
+            tensors, config = init()
+            snap = FederationSnapshot(round=0, adapter=tensors, adapter_config=config)
+            save_snapshot(self.state_dir, snap)
+        self.round = snap.round
+        self.adapter, self.adapter_config = snap.adapter, snap.adapter_config
+        self.residual, self.strategy_state = snap.residual, snap.strategy_state
+        self.history, self.evals = snap.history, snap.evals
+        if self.accountant is not None and snap.dp_rounds:
+            self.accountant.step(snap.dp_rounds)
+        self._blobs: dict[str, tuple[bytes, str]] = {}
+
+    # ------------------------------------------------------------------ read side
+    @property
+    def finished(self) -> bool:
+        """All rounds are done."""
+        return self.round >= self.fcfg.rounds
+
+    @property
+    def scaling(self) -> float:
+        """PEFT scaling of the global adapter."""
+        return ad.lora_scaling(self.adapter_config, self.global_rank)
+
+    def epsilon(self) -> float | None:
+        """Epsilon at ``dp.delta`` spent so far (None without DP)."""
+        return None if self.accountant is None else self.accountant.epsilon
+
+    def adapter_blob(self, silo: str | None = None) -> tuple[bytes, str, dict[str, Any]]:
+        """``(safetensors bytes, sha256, adapter_config)`` of the current global adapter at ``silo``'s rank."""
+        with self._lock:
+            r = self.silo_rank.get(silo, self.global_rank) if silo else self.global_rank
+            key = f"{self.round}:{r}"
+            if key not in self._blobs:
+                tensors, config = ad.to_silo_rank(self.adapter, self.adapter_config, r)
+                blob = pack_tensors(tensors, {"version": self.round, "adapter_config": config})
+                self._blobs = {key: (blob, sha256_bytes(blob))}
+            blob, sha = self._blobs[key]
+            return blob, sha, ad.to_silo_rank(self.adapter, self.adapter_config, r)[1]
+
+    def residual_blob(self) -> tuple[bytes, str] | None:
+        """``(bytes, sha256)`` of the folded base residual, or None."""
+        with self._lock:
+            if not self.residual:
+                return None
+            blob = pack_tensors(ad.residual_to_tensors(self.residual), {"version": self.round})
+            return blob, sha256_bytes(blob)
+
+    def train_task(self, silo: str) -> dict[str, Any]:
+        """What a participant needs to train round ``current.round`` (JSON-able)."""
+        with self._lock:
+            cur = self._require_round()
+            f = self.fcfg
+            _, sha, config = self.adapter_blob(silo)
+            res = self.residual_blob()
+            sa = f.secure_aggregation
+            return {
+                "round": cur.round, "attempt": cur.attempt, "version": self.round, "adapter_sha": sha,
+                "residual_sha": res[1] if res else None, "adapter_config": config,
+                "local_steps": f.local_steps, "local_epochs": f.local_epochs, "proximal_mu": f.proximal_mu,
+                "freeze_lora_a": not f.trains_a, "max_update_norm": f.max_update_norm,
+                "trainable_keys": trainable_keys(self.adapter, f), "heterogeneous": self.strategy.heterogeneous_rank,
+                "secagg": None if not sa.enabled else {
+                    "id": self.silo_ids[silo], "clip": sa.clip, "frac_bits": sa.frac_bits,
+                    "modulus_bits": sa.modulus_bits, "max_weight": sa.max_weight, "num_silos": len(self.silos)},
+                "dp_clip": f.dp.clip_norm if f.dp.enabled and sa.enabled else None,
+                "uniform_weight": f.dp.enabled,
+                "deadline_in_s": max(0.0, cur.deadline - self.clock()),
+            }
+
+    def _require_round(self, round_no: int | None = None) -> RoundState:
+        cur = self.current
+        if cur is None:
+            raise SubmitError(409, f"no round is open (completed rounds: {self.round})")
+        if round_no is not None and round_no != cur.round:
+            raise SubmitError(409, f"round {round_no} is not open (open: {cur.round})")
+        return cur
+
+    # ------------------------------------------------------------------ rounds
+    def open_round(self, available: Iterable[str] | None = None) -> RoundState | None:
+        """Samples participants among ``available`` silos and opens the next round.
+
+        Returns:
+            The new round, or None when finished, a round is already open, or fewer than
+            ``min_silos`` silos are available.
+        """
+        with self._lock:
+            if self.finished or self.current is not None:
+                return None
+            pool = sorted(set(self.silos if available is None else available) & set(self.silos))
+            if len(pool) < self.fcfg.min_silos:
+                return None
+            k = self.fcfg.participants_per_round(len(pool))
+            rng = random.Random(f"{self.fcfg.seed}:{self.round + 1}")
+            chosen = sorted(rng.sample(pool, k))
+            now = self.clock()
+            self.current = RoundState(round=self.round + 1, attempt=0, participants=chosen,
+                                      planned=self.fcfg.participants_per_round(), opened_at=now,
+                                      deadline=now + self.fcfg.round_timeout_s)
+            return self.current
+
+    def submit_update(self, silo: str, round_no: int, blob: bytes) -> str:
+        """A plain (unmasked) update: safetensors with metadata ``{num_examples, metrics}``.
+
+        Returns:
+            ``"accepted"``, ``"rejected: <reasons>"`` or ``"duplicate"``.
+
+        Raises:
+            SubmitError: Wrong round/phase, not a participant, or secure aggregation is on.
+        """
+        with self._lock:
+            cur = self._check_participant(silo, round_no)
+            if self.fcfg.secure_aggregation.enabled:
+                raise SubmitError(409, "secure aggregation is on: send a public key, then a masked vector")
+            if silo in cur.responded:
+                return "duplicate"
+            reasons, entry = self._screen(silo, blob)
+            if reasons:
+                cur.responded[silo] = "rejected"
+                cur.rejections.extend((silo, r) for r in reasons)
+                return "rejected: " + "; ".join(reasons)
+            cur.responded[silo] = "update"
+            cur.updates[silo] = entry
+            return "accepted"
+
+    def submit_decline(self, silo: str, round_no: int, reason: str) -> str:
+        """A silo reporting that its own update failed its checks (used under secure aggregation)."""
+        with self._lock:
+            cur = self._check_participant(silo, round_no)
+            if silo in cur.responded:
+                return "duplicate"
+            cur.responded[silo] = "rejected"
+            cur.rejections.append((silo, f"self-check: {reason}"))
+            return "recorded"
+
+    def submit_key(self, silo: str, round_no: int, attempt: int, public_key: bytes, num_examples: int,
+                   metrics: dict[str, Any] | None = None) -> str:
+        """Secure aggregation: the silo's X25519 public key for ``(round, attempt)`` (after training)."""
+        with self._lock:
+            cur = self._check_participant(silo, round_no)
+            if not self.fcfg.secure_aggregation.enabled:
+                raise SubmitError(409, "secure aggregation is off: send the update itself")
+            if attempt != cur.attempt or cur.phase != "train":
+                raise SubmitError(409, f"attempt {attempt} is not collecting keys (attempt {cur.attempt}, "
+                                       f"phase {cur.phase})")
+            if silo in cur.responded:
+                return "duplicate"
+            if len(public_key) != 32:
+                raise SubmitError(400, "an X25519 public key is 32 bytes")
+            cur.responded[silo] = "key"
+            cur.keys[silo] = bytes(public_key)
+            cur.masked_meta[silo] = {"num_examples": int(num_examples), "metrics": dict(metrics or {})}
+            return "accepted"
+
+    def keyset(self, round_no: int, attempt: int) -> dict[str, str] | None:
+        """``{secagg id: hex public key}`` once frozen for ``(round, attempt)``, else None."""
+        with self._lock:
+            cur = self._require_round(round_no)
+            if cur.attempt != attempt or cur.keyset is None:
+                return None
+            return {str(self.silo_ids[s]): pk.hex() for s, pk in cur.keyset.items()}
+
+    def submit_masked(self, silo: str, round_no: int, attempt: int, blob: bytes) -> str:
+        """Secure aggregation: the masked vector of ``(round, attempt)``."""
+        with self._lock:
+            cur = self._require_round(round_no)
+            if cur.phase != "mask" or cur.attempt != attempt or cur.keyset is None:
+                raise SubmitError(409, f"attempt {attempt} of round {round_no} is not collecting masked vectors")
+            if silo not in cur.keyset:
+                raise SubmitError(403, f"silo {silo!r} is not in the key set of this attempt")
+            if silo in cur.masked:
+                return "duplicate"
+            try:
+                arr, _ = unpack_array(blob)
+            except WireError as e:
+                raise SubmitError(400, str(e)) from None
+            cur.masked[silo] = arr
+            return "accepted"
+
+    def _check_participant(self, silo: str, round_no: int) -> RoundState:
+        cur = self._require_round(round_no)
+        if silo not in cur.participants:
+            raise SubmitError(403, f"silo {silo!r} is not a participant of round {round_no}")
+        return cur
+
+    def _screen(self, silo: str, blob: bytes) -> tuple[list[str], dict[str, Any]]:
+        try:
+            tensors, meta = unpack_tensors(blob)
+        except WireError as e:
+            return [f"malformed update: {e}"], {}
+        n = meta.get("num_examples")
+        if not isinstance(n, int) or n < 1:
+            return [f"num_examples must be a positive integer, got {n!r}"], {}
+        try:
+            tensors = ad.from_silo_rank(tensors, self.adapter_config, self.global_rank)
+        except (ValueError, KeyError) as e:
+            return [f"bad LoRA factors: {e}"], {}
+        reasons = validate_update(tensors, self.adapter, allow_rank_change=self.strategy.heterogeneous_rank,
+                                  max_delta_norm=self.fcfg.max_update_norm)
+        if not reasons and not self.fcfg.trains_a:
+            for a_key, _ in lora_pairs(self.adapter).values():
+                if not torch.equal(tensors[a_key], self.adapter[a_key]):
+                    reasons.append(f"FFA-LoRA keeps A frozen, but {a_key} changed")
+                    break
+        return reasons, {"tensors": tensors, "num_examples": n, "metrics": dict(meta.get("metrics") or {})}
+
+    def tick(self) -> dict[str, Any] | None:
+        """Advances the open round on completeness or deadlines; returns the history row if it closed."""
+        with self._lock:
+            cur = self.current
+            if cur is None:
+                return None
+            now = self.clock()
+            complete = all(s in cur.responded for s in cur.participants)
+            if cur.phase == "train":
+                if not (complete or now >= cur.deadline):
+                    return None
+                if not self.fcfg.secure_aggregation.enabled:
+                    return self.close_round()
+                need = max(2, self.fcfg.min_silos)
+                if len(cur.keys) < need:
+                    return self.close_round(failure=f"only {len(cur.keys)} silos sent keys (need {need})")
+                cur.keyset, cur.phase = dict(cur.keys), "mask"
+                cur.deadline = now + self.fcfg.secure_aggregation.mask_timeout_s
+                return None
+            if all(s in cur.masked for s in cur.keyset or {}):
+                return self.close_round()
+            if now < cur.deadline:
+                return None
+            try:
+                plan = plan_rerun([self.silo_ids[s] for s in cur.keyset or {}],
+                                  [self.silo_ids[s] for s in cur.masked], cur.attempt)
+            except ValueError as e:
+                return self.close_round(failure=f"secure aggregation aborted: {e}")
+            by_id = {i: s for s, i in self.silo_ids.items()}
+            survivors = [by_id[i] for i in plan.silos]
+            if len(survivors) < self.fcfg.min_silos:
+                return self.close_round(failure=f"only {len(survivors)} silos left after dropouts")
+            cur.dropped.extend(by_id[i] for i in plan.dropped)
+            cur.attempt, cur.phase, cur.participants = plan.attempt, "train", survivors
+            cur.keys, cur.keyset, cur.masked = {}, None, {}
+            cur.responded = {s: v for s, v in cur.responded.items() if v == "rejected"}
+            cur.deadline = now + self.fcfg.secure_aggregation.mask_timeout_s
+            return None
+
+    # ------------------------------------------------------------------ aggregation
+    def close_round(self, failure: str | None = None) -> dict[str, Any]:
+        """Aggregates what arrived, updates the global adapter, checkpoints; returns the history row."""
+        with self._lock:
+            cur = self._require_round()
+            f = self.fcfg
+            secagg = f.secure_aggregation.enabled
+            contributed = sorted(cur.masked if secagg else cur.updates)
+            late = [s for s in cur.participants if s not in cur.responded]
+            row: dict[str, Any] = {
+                "round": cur.round, "attempts": cur.attempt + 1, "participants": cur.participants,
+                "accepted": [], "rejected": {}, "stragglers": late, "dropped": cur.dropped,
+                "wall_s": round(self.clock() - cur.opened_at, 3), "epsilon": self.epsilon()}
+            for silo, reason in cur.rejections:
+                row["rejected"].setdefault(silo, []).append(reason)
+            meta = {s: (cur.masked_meta if secagg else cur.updates)[s] for s in contributed}
+            losses = [m["metrics"].get("train_loss") for m in meta.values()]
+            losses = [x for x in losses if isinstance(x, (int, float)) and math.isfinite(x)]
+            row["train_loss"] = sum(losses) / len(losses) if losses else None
+            row["num_examples"] = sum(int(m["num_examples"]) for m in meta.values())
+            if failure is None and len(contributed) < f.min_silos:
+                failure = f"only {len(contributed)} accepted updates (min_silos={f.min_silos})"
+            if failure is None:
+                try:
+                    mean = self._unmask_mean(cur) if secagg else None
+                    row.update(self._aggregate(cur, contributed, mean))
+                    row["accepted"] = contributed
+                except (ValueError, RuntimeError) as e:  # a strategy refusing its inputs fails the round only
+                    failure = f"aggregation failed: {e}"
+            row["status"] = "ok" if failure is None else f"failed: {failure}"
+            row["epsilon"] = self.epsilon()
+            self.history.append(row)
+            self.round += 1
+            self.current = None
+            self._blobs = {}
+            self.save()
+            return row
+
+    def _unmask_mean(self, cur: RoundState) -> dict[str, torch.Tensor]:
+        sa = self.fcfg.secure_aggregation
+        keys = trainable_keys(self.adapter, self.fcfg)
+        _, spec = flatten({k: self.adapter[k] for k in keys})
+        config = SecAggConfig(num_silos=len(self.silos), clip=sa.clip, frac_bits=sa.frac_bits,
+                              modulus_bits=sa.modulus_bits, max_weight=sa.max_weight)
+        server = SecAggServer({self.silo_ids[s]: pk for s, pk in (cur.keyset or {}).items()}, config,
+                              round_id=cur.round, attempt=cur.attempt)
+        total, weight = server.unmask({self.silo_ids[s]: v for s, v in cur.masked.items()})
+        if self.fcfg.dp.enabled:  # fixed denominator: the planned participant count (DP-FedAvg)
+            mean = unflatten(total / cur.planned, spec)
+            return add_noise(mean, self.fcfg.dp.clip_norm, self.fcfg.dp.noise_multiplier, cur.planned,
+                             self._noise or secure_generator())
+        if weight <= 0:
+            raise ValueError("secure aggregation decoded a zero total weight")
+        return unflatten(total / weight, spec)
+
+    def _aggregate(self, cur: RoundState, contributed: list[str],
+                   mean_delta: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        f, g = self.fcfg, self.adapter
+        out: dict[str, Any] = {}
+        kw: dict[str, Any] = {"global_adapter": g, "state": self.strategy_state, "seed": f.seed + cur.round,
+                              "rank": self.global_rank, **f.server_options()}
+        keys = trainable_keys(g, f)
+        if mean_delta is None and f.dp.enabled:
+            deltas = [{k: cur.updates[s]["tensors"][k].float() - g[k].float() for k in keys} for s in contributed]
+            mean_delta, norms = private_mean(deltas, f.dp.clip_norm, f.dp.noise_multiplier,
+                                             self._noise or secure_generator(), denominator=cur.planned)
+            out["update_norms"] = dict(zip(contributed, norms, strict=True))
+        if mean_delta is not None:
+            mean = dict(g)
+            for k in keys:
+                mean[k] = (g[k].to(torch.float64) + mean_delta[k].to(torch.float64)).to(g[k].dtype)
+            result = self.strategy.aggregate([mean], [1.0], **kw)
+        else:
+            updates = [cur.updates[s]["tensors"] for s in contributed]
+            out["update_norms"] = {s: update_norm({k: u[k].float() - g[k].float() for k in keys
+                                                   if u[k].shape == g[k].shape})
+                                   for s, u in zip(contributed, updates, strict=True)}
+            result = self.strategy.aggregate(updates, [cur.updates[s]["num_examples"] for s in contributed], **kw)
+        new = {k: result.adapter[k].to(g[k].dtype) for k in g}
+        bad = sorted(k for k, t in new.items() if not bool(torch.isfinite(t).all()))
+        if bad:
+            raise ValueError(f"aggregate has non-finite values in {bad[:3]}")
+        self.adapter = new
+        self.residual = ad.fold_residual(self.residual, result.base_delta, self.scaling)
+        self.strategy_state = result.state
+        if self.accountant is not None:
+            self.accountant.step()
+        out["strategy_metrics"] = dict(result.metrics)
+        return out
+
+    # ------------------------------------------------------------------ evaluation, persistence
+    def record_eval(self, version: int, who: str, loss: float | None, tokens: int = 0,
+                    error: str | None = None) -> None:
+        """Stores the validation loss of global version ``version`` on ``who``'s set (a silo or ``held_out``)."""
+        with self._lock:
+            entry: dict[str, Any] = {"loss": loss, "tokens": int(tokens)}
+            if error:
+                entry["error"] = error
+            self.evals.setdefault(str(version), {})[who] = entry
+
+    def has_eval(self, version: int, who: str) -> bool:
+        """Whether ``who`` already reported on ``version``."""
+        with self._lock:
+            return who in self.evals.get(str(version), {})
+
+    def save(self) -> Path:
+        """Checkpoints the completed rounds (see :mod:`.state`)."""
+        with self._lock:
+            return save_snapshot(self.state_dir, FederationSnapshot(
+                round=self.round, adapter=self.adapter, adapter_config=self.adapter_config,
+                residual=self.residual, strategy_state=self.strategy_state,
+                dp_rounds=0 if self.accountant is None else self.accountant.rounds,
+                history=self.history, evals=self.evals))
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The servable PEFT adapter of the current global model (residual folded in exactly)."""
+        with self._lock:
+            return ad.export_peft(self.adapter, self.adapter_config, self.residual)

@@ -1,0 +1,32 @@
+"""Serving: registered adapters behind an OpenAI-compatible API on Ray Serve, and offline batch generation.
+
+Public API (heavy modules load lazily, so importing the config is cheap):
+    ServeConfig, load_serve_config      typed config (`configs/serve.yaml`)
+    run_server(cfg, blocking=True)      `fineray serve`
+    build_app(args)                     KubeRay RayService import path `fineray.serve.app:build_app`
+    generate_offline(...)               `fineray generate` (Ray Data across workers)
+    Engine                              the batched multi-adapter generation engine (no Ray needed)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fineray.serve.config import ServeConfig, load_serve_config
+
+__all__ = ["ServeConfig", "load_serve_config", "run_server", "build_app", "generate_offline", "Engine"]
+
+_LAZY = {
+    "run_server": "fineray.serve.server",
+    "build_app": "fineray.serve.app",
+    "generate_offline": "fineray.serve.offline",
+    "Engine": "fineray.serve.engine",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fineray.serve' has no attribute {name!r}")

@@ -1,0 +1,361 @@
+"""The OpenAI-compatible HTTP API (run inside the ingress deployment): auth, validation, routing, SSE.
+
+The ingress does everything that needs no model weights: API keys, request parsing and limits, resolving
+`model` (base / adapter / `name@vN` / rollout), the chat template and tokenisation (so prompt limits and
+`usage` are exact), and the wire format. Generation is delegated to the model deployment through a
+handle with `multiplexed_model_id=<adapter ref>`, which routes to replicas that already hold the adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from fineray.serve.auth import KeyStore, Principal
+from fineray.serve.config import ServeConfig, load_serve_config, serve_config_from_dict
+from fineray.serve.metrics import CONTENT_TYPE, EventBuffer, request_event
+from fineray.serve.protocol import (SSE_DONE, APIError, ChatCompletionRequest, CompletionRequest, chat_chunk,
+                                    chat_response, completion_chunk, completion_response, error_body, new_id,
+                                    parse_request, sse, usage)
+from fineray.serve.router import ModelCatalog, Target
+from fineray.train.config import ConfigError
+
+__all__ = ["ApiService", "LOOPBACK"]
+
+log = logging.getLogger(__name__)
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+class _Call:
+    """Bookkeeping of one HTTP request for metrics."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint, self.t0 = endpoint, time.perf_counter()
+        self.target: Target | None = None
+        self.prompt_tokens = self.completion_tokens = 0
+        self.ttft: float | None = None
+
+    def event(self, status: int, code: str | None = None) -> dict[str, Any]:
+        t = self.target
+        extra: dict[str, Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                                 "latency_s": time.perf_counter() - self.t0, "ttft_s": self.ttft, "code": code}
+        if t is not None and t.rollout:
+            extra.update(rollout=t.rollout, variant=t.label)
+        return request_event(t.name if t else "-", t.version if t else None, self.endpoint, status, **extra)
+
+
+class ApiService:
+    """Request handling of the ingress; `model` and `hub` are Serve deployment handles."""
+
+    def __init__(self, cfg_dict: dict[str, Any], source: tuple[str | None, dict[str, Any]], model: Any, hub: Any):
+        from transformers import AutoConfig
+
+        from fineray.train.config import ModelConfig
+        from fineray.train.model import load_tokenizer, resolve_base
+
+        self.cfg = serve_config_from_dict(cfg_dict)
+        self.source = source
+        self.keys = KeyStore(self.cfg)
+        self.catalog = ModelCatalog(self.cfg.registry, self.cfg.base, ttl_s=self.cfg.registry_ttl_s)
+        path = resolve_base(self.cfg.base)
+        self.tokenizer = load_tokenizer(ModelConfig(base=self.cfg.base), path)
+        self.max_context = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 0) or 4096)
+        self.vocab = len(self.tokenizer)
+        self.model, self.hub = model, hub
+        self.buffer = EventBuffer()
+        self._checked = time.monotonic()
+        self._mtime = self._source_mtime()
+        self._flusher: asyncio.Task | None = None
+        self.fingerprint = "fineray"
+
+    # ------------------------------------------------------------------ plumbing
+    def _source_mtime(self) -> float | None:
+        import os
+
+        path = self.source[0]
+        try:
+            return os.stat(path).st_mtime if path else None
+        except OSError:
+            return None
+
+    def _maybe_reload(self) -> None:
+        """Re-read rollouts, limits and keys when the config file (or key file) changed."""
+        now = time.monotonic()
+        if now - self._checked < self.cfg.reload_interval_s:
+            return
+        self._checked = now
+        mtime = self._source_mtime()
+        if mtime is not None and mtime != self._mtime:
+            self._mtime = mtime
+            try:
+                new = load_serve_config(self.source[0], self.source[1])
+                self.cfg = self.cfg.model_copy(update={"rollouts": new.rollouts, "limits": new.limits,
+                                                       "keys": new.keys, "api_keys_file": new.api_keys_file})
+                log.info("serve config reloaded: rollouts %s", {k: [(v.adapter, v.weight) for v in vs]
+                                                                for k, vs in new.rollouts.items()})
+            except ConfigError:
+                log.exception("serve config %s is invalid; keeping the previous settings", self.source[0])
+        self.keys.maybe_reload(self.cfg)
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send buffered metric events to the hub."""
+        events = self.buffer.drain()
+        if events:
+            try:
+                await self.hub.record.remote(events)
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                log.warning("metrics hub unreachable; dropped %d events", len(events), exc_info=True)
+
+    def _principal(self, request: Request) -> Principal:
+        self._maybe_reload()
+        self._start_flusher()
+        if not self.keys.enabled and not self.cfg.insecure_no_auth:
+            host = request.client.host if request.client else ""
+            if host and host not in LOOPBACK:  # no keys: loopback clients only (defence in depth)
+                raise APIError(403, "This server has no API keys configured and only answers loopback clients.",
+                               type="permission_error", code="unauthenticated_remote")
+        return self.keys.authenticate(request.headers.get("authorization"))
+
+    async def _json(self, request: Request) -> Any:
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"Request body too large: {declared} bytes (limit {limit}).",
+                           code="request_too_large")
+        body = await request.body()
+        if len(body) > limit:
+            raise APIError(413, f"Request body too large: {len(body)} bytes (limit {limit}).",
+                           code="request_too_large")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"We could not parse the JSON body of your request ({e}).",
+                           code="invalid_json") from None
+
+    def _error(self, call: _Call, e: APIError) -> JSONResponse:
+        self.buffer.add(call.event(e.status, e.code))
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def _limits(self, call: _Call, prompts: list[list[int]], max_tokens: int | None, n: int,
+                default: int | None, param: str) -> int:
+        lim = self.cfg.limits
+        longest = max(len(p) for p in prompts)
+        if longest > lim.max_prompt_tokens:
+            raise APIError(400, f"This server's limit is {lim.max_prompt_tokens} prompt tokens; your prompt has "
+                                f"{longest}.", param=param, code="context_length_exceeded")
+        if n * len(prompts) > lim.max_n:
+            raise APIError(400, f"Invalid 'n': at most {lim.max_n} choices per request.", param="n",
+                           code="invalid_value")
+        if max_tokens is not None and max_tokens > lim.max_tokens:
+            raise APIError(400, f"Invalid 'max_tokens': at most {lim.max_tokens} on this server.",
+                           param="max_tokens", code="invalid_value")
+        room = self.max_context - longest
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise APIError(400, f"This model's maximum context length is {self.max_context} tokens. However, you "
+                                f"requested {longest + (max_tokens or 1)} tokens ({longest} in the prompt, "
+                                f"{max_tokens or 1} for the completion).", param=param,
+                           code="context_length_exceeded")
+        call.prompt_tokens = sum(len(p) for p in prompts)  # OpenAI counts a prompt once, whatever n is
+        return max_tokens if max_tokens is not None else min(default or lim.max_tokens, lim.max_tokens, room)
+
+    def _payload(self, req: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+        return {"prompts": prompts, "n": req.n, "max_tokens": max_tokens, "sampling": req.sampling()}
+
+    # ------------------------------------------------------------------ endpoints
+    async def models(self, request: Request, model_id: str | None = None) -> Response:
+        call = _Call("models")
+        try:
+            principal = self._principal(request)
+            data = await asyncio.to_thread(self.catalog.list_models, principal, self.cfg.rollouts)
+            if model_id is None:
+                return JSONResponse({"object": "list", "data": data})
+            hit = next((m for m in data if m["id"] == model_id), None)
+            if hit is None:
+                raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found",
+                               param="model")
+            return JSONResponse(hit)
+        except APIError as e:
+            return self._error(call, e)
+
+    async def chat(self, request: Request) -> Response:
+        call = _Call("chat")
+        try:
+            principal = self._principal(request)
+            req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._json(request))
+            call.target = await asyncio.to_thread(self.catalog.resolve, req.model, principal, self.cfg.rollouts,
+                                                  req.user)
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages]
+            try:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # noqa: BLE001 - jinja templates raise their own errors
+                raise APIError(400, f"Invalid 'messages': the chat template rejected them ({e}).",
+                               param="messages") from None
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            max_tokens = self._limits(call, [ids], req.max_tokens, req.n, None, "messages")
+            payload = self._payload(req, [ids], max_tokens)
+            if req.stream:
+                return await self._stream(call, req, payload, chat=True)
+            out = await self._generate(call, payload)
+            return JSONResponse(chat_response(new_id("chatcmpl"), self._served(call), out["choices"],
+                                              usage(call.prompt_tokens, call.completion_tokens),
+                                              self.fingerprint))
+        except APIError as e:
+            return self._error(call, e)
+
+    async def completions(self, request: Request) -> Response:
+        call = _Call("completions")
+        try:
+            principal = self._principal(request)
+            req: CompletionRequest = parse_request(CompletionRequest, await self._json(request))
+            call.target = await asyncio.to_thread(self.catalog.resolve, req.model, principal, self.cfg.rollouts,
+                                                  req.user)
+            prompts = []
+            for p in req.prompts():
+                if isinstance(p, str):
+                    prompts.append(self.tokenizer(p)["input_ids"])
+                else:
+                    if any(not 0 <= t < self.vocab for t in p):
+                        raise APIError(400, f"Invalid 'prompt': token ids must be in [0, {self.vocab}).",
+                                       param="prompt", code="invalid_value")
+                    prompts.append(list(p))
+            if any(not p for p in prompts):
+                raise APIError(400, "Invalid 'prompt': empty prompt.", param="prompt", code="invalid_value")
+            max_tokens = self._limits(call, prompts, req.max_tokens, req.n, 16, "prompt")
+            payload = self._payload(req, prompts, max_tokens)
+            if req.echo:
+                payload["echo"] = [self.tokenizer.decode(p) for p in prompts]
+            if req.stream:
+                return await self._stream(call, req, payload, chat=False)
+            out = await self._generate(call, payload)
+            for c in out["choices"]:
+                if req.echo:
+                    c["text"] = payload["echo"][c["index"] // req.n] + c["text"]
+            return JSONResponse(completion_response(new_id("cmpl"), self._served(call), out["choices"],
+                                                    usage(call.prompt_tokens, call.completion_tokens),
+                                                    self.fingerprint))
+        except APIError as e:
+            return self._error(call, e)
+
+    async def metrics(self) -> Response:
+        await self.flush()
+        try:
+            body = await self.hub.render.remote()
+        except Exception as e:  # noqa: BLE001
+            return JSONResponse(error_body(f"metrics hub unavailable: {e}", "server_error"), status_code=503)
+        return Response(body, media_type=CONTENT_TYPE)
+
+    async def health(self) -> Response:
+        try:
+            info = await asyncio.wait_for(self.model.ping.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            return JSONResponse({"status": "unavailable", "error": str(e)[:200]}, status_code=503)
+        return JSONResponse({"status": "ok", "base": self.cfg.base, "auth": self.keys.enabled, "replica": info})
+
+    # ------------------------------------------------------------------ generation
+    def _served(self, call: _Call) -> str:
+        """The `model` of a response: the adapter version that answered, or the base spec."""
+        assert call.target is not None
+        return call.target.ref or self.cfg.base
+
+    def _handle(self, call: _Call, stream: bool) -> Any:
+        assert call.target is not None
+        return self.model.options(multiplexed_model_id=call.target.model_id, stream=stream)
+
+    async def _generate(self, call: _Call, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            out = await self._handle(call, False).generate.remote(payload)
+        except Exception as e:  # noqa: BLE001 - Ray/Serve errors: overload, replica death
+            raise _serve_error(e) from None
+        if "error" in out:
+            raise APIError(**out["error"])
+        call.completion_tokens = sum(c.pop("tokens") for c in out["choices"])
+        self.buffer.add(call.event(200))
+        return out
+
+    async def _stream(self, call: _Call, req: Any, payload: dict[str, Any], chat: bool) -> Response:
+        gen = self._handle(call, True).stream.remote(payload)
+        try:  # the first item says whether the request was admitted, so errors keep their status code
+            first = await gen.__anext__()
+        except Exception as e:  # noqa: BLE001
+            raise _serve_error(e) from None
+        if first and "error" in first[0]:
+            raise APIError(**first[0]["error"])
+        return StreamingResponse(self._sse(call, req, payload, gen, chat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, call: _Call, req: Any, payload: dict[str, Any], gen: Any, chat: bool) -> AsyncIterator[str]:
+        assert call.target is not None
+        rid, created, model = new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self._served(call)
+        choices = len(payload["prompts"]) * req.n
+        status, code = 200, None
+        try:
+            for i in range(choices):
+                if chat:
+                    yield sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""},
+                                         fingerprint=self.fingerprint))
+                elif payload.get("echo"):
+                    yield sse(completion_chunk(rid, created, model, i, payload["echo"][i // req.n],
+                                               fingerprint=self.fingerprint))
+            async for items in gen:
+                for it in items:
+                    if "error" in it:
+                        status, code = it["error"]["status"], it["error"].get("code")
+                        yield sse(APIError(**it["error"]).body())
+                        yield SSE_DONE
+                        return
+                    if it["text"]:
+                        if call.ttft is None:
+                            call.ttft = time.perf_counter() - call.t0
+                        yield sse(chat_chunk(rid, created, model, it["index"], {"content": it["text"]},
+                                             fingerprint=self.fingerprint) if chat else
+                                  completion_chunk(rid, created, model, it["index"], it["text"],
+                                                   fingerprint=self.fingerprint))
+                    if it["finish_reason"]:
+                        call.completion_tokens += it["tokens"]
+                        yield sse(chat_chunk(rid, created, model, it["index"], {}, it["finish_reason"],
+                                             fingerprint=self.fingerprint) if chat else
+                                  completion_chunk(rid, created, model, it["index"], "", it["finish_reason"],
+                                                   fingerprint=self.fingerprint))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                chunk = (chat_chunk if chat else completion_chunk)(rid, created, model, 0, {} if chat else "")
+                chunk["choices"], chunk["usage"] = [], usage(call.prompt_tokens, call.completion_tokens)
+                yield sse(chunk)
+            yield SSE_DONE
+        except asyncio.CancelledError:
+            status, code = 499, "client_closed_request"  # nginx's code for a client that went away
+            raise
+        except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
+            err = _serve_error(e)
+            status, code = err.status, err.code
+            yield sse(err.body())
+            yield SSE_DONE
+        finally:
+            self.buffer.add(call.event(status, code))
+
+
+def _serve_error(e: Exception) -> APIError:
+    """Map a Ray Serve failure to an OpenAI error."""
+    name = type(e).__name__
+    if "BackPressure" in name:
+        return APIError(503, "The server is overloaded; retry later.", type="server_error", code="overloaded")
+    if "Cancelled" in name:
+        return APIError(499, "The request was cancelled.", type="server_error", code="cancelled")
+    log.error("model deployment failed: %s", e)
+    return APIError(500, f"The model server failed: {name}.", type="server_error", code="internal_error")
