@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -39,6 +40,8 @@ TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 # Ray's JobSubmissionClient lets these override an explicit address; fineray gives the explicit one priority.
 _ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
+_CHATTY_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                   "ray._private.runtime_env.packaging")
 _TOKEN_HELP = ("pass --token, set RAY_AUTH_TOKEN, or save the cluster's token in ~/.ray/auth_token "
                "(print it with `ray get-auth-token` on the head node; on KubeRay it is in the cluster's auth Secret)")
 
@@ -196,6 +199,8 @@ def connect(address: str | None, token: str | None = None, *, timeout_s: float =
     """
     url = resolve_address(address)
     tok, source = resolve_token(token)
+    for name in _CHATTY_LOGGERS:  # "Uploading package ...", "WebSocket closed ..." at INFO on every call
+        logging.getLogger(name).setLevel(logging.WARNING)
     probe_dashboard(url, tok, source, timeout_s=timeout_s)
     from ray.job_submission import JobSubmissionClient
 

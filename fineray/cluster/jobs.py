@@ -41,6 +41,7 @@ __all__ = [
     "KINDS",
     "JobError",
     "StagedRun",
+    "Submission",
     "describe_outcome",
     "entrypoint_for",
     "job_logs",
@@ -53,6 +54,7 @@ __all__ = [
     "stop_job",
     "submission_id_for",
     "submit_job",
+    "submit_run",
     "wait_for_job",
 ]
 
@@ -92,7 +94,7 @@ def _place_output(value: str, key: str, *, local: bool, storage: str | None, not
 
 
 def _data_slots(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
-    """(container, key, label) of every config field holding a data file path."""
+    """(container, key, label) of every config field naming a local input file (data, DeepSpeed JSON)."""
     slots: list[tuple[dict[str, Any], str, str]] = []
     d = data.get("data") or {}
     if isinstance(d.get("train"), list):
@@ -101,6 +103,8 @@ def _data_slots(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
         slots.append((d, "train", "data.train"))
     slots.append((d, "validation", "data.validation"))
     slots.append((data.get("eval") or {}, "data", "eval.data"))
+    ds = ((data.get("train") or {}).get("deepspeed") or {})
+    slots.append((ds, "config_file", "train.deepspeed.config_file"))
     silos = (data.get("federated") or {}).get("silos") if isinstance(data.get("federated"), dict) else None
     slots += [(s, "data", f"federated.silos[{i}].data") for i, s in enumerate(silos or []) if isinstance(s, dict)]
     return [(c, k, label) for c, k, label in slots if isinstance(c.get(k), str) and c.get(k)]
@@ -194,8 +198,10 @@ def runtime_env_for(working_dir: str | Path, *, ship_code: bool = True,
     """The job's runtime env: the staged folder as working_dir, fineray as a py_module, unbuffered output."""
     import fineray
 
+    # COLUMNS: rich (the CLI's console) wraps at 80 columns when not on a terminal, splitting error lines.
     renv: dict[str, Any] = {"working_dir": str(working_dir),
-                            "env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}}
+                            "env_vars": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200",
+                                         **(env or {})}}
     if ship_code:
         renv["py_modules"] = [str(Path(fineray.__file__).resolve().parent)]
         renv["excludes"] = ["__pycache__/", "*.pyc"]
@@ -203,11 +209,25 @@ def runtime_env_for(working_dir: str | Path, *, ship_code: bool = True,
 
 
 # ------------------------------------------------------------------------------------------------ submit
-def submit_job(cfg: RunConfig, kind: str, address: str | None = None, *, config_name: str = CONFIG_NAME,
+@dataclass
+class Submission:
+    """A submitted job: where it runs, what it runs, and where its outputs go."""
+
+    submission_id: str
+    address: str
+    kind: str
+    name: str
+    output_dir: str
+    registry: str
+    entrypoint: str
+    notes: list[str] = field(default_factory=list)  # config rewrites made for the cluster (paths, shipped data)
+
+
+def submit_run(cfg: RunConfig, kind: str, address: str | None = None, *, config_name: str = CONFIG_NAME,
                overrides: Sequence[str] = (), ship_code: bool = True, token: str | None = None,
                storage: str | None = None, ship_data: bool | None = None, env: dict[str, str] | None = None,
-               submission_id: str | None = None) -> str:
-    """Submit a fineray run to the Ray cluster whose dashboard is at `address`; return the submission id.
+               submission_id: str | None = None, agent_wait_s: float = 60.0) -> Submission:
+    """Submit a fineray run to the Ray cluster whose dashboard is at `address`.
 
     Args:
         cfg: the loaded run config (`overrides` already applied; they are only recorded in the metadata).
@@ -219,6 +239,7 @@ def submit_job(cfg: RunConfig, kind: str, address: str | None = None, *, config_
         storage, ship_data: see `stage_run`.
         env: extra environment variables for the job (e.g. `HF_TOKEN`, AWS credentials for s3://).
         submission_id: default `submission_id_for(kind, output.name)`.
+        agent_wait_s: how long to retry while a just-started head has no job agent yet.
 
     Raises:
         JobError: unreachable dashboard, rejected token, unsafe output paths, or a refused submission.
@@ -228,16 +249,41 @@ def submit_job(cfg: RunConfig, kind: str, address: str | None = None, *, config_
     if not config_name or "/" in config_name or config_name.startswith("."):
         raise JobError(f"config_name must be a plain file name, got {config_name!r}")
     client = connect(address, token)
-    staged = stage_run(cfg, local=is_local_address(client.get_address()), storage=storage, ship_data=ship_data)
-    sid = submission_id or submission_id_for(kind, staged.config.output.name)
+    url = client.get_address()
+    local = is_local_address(url)
+    staged = stage_run(cfg, local=local, storage=storage, ship_data=ship_data)
+    out = staged.config.output
+    sid = submission_id or submission_id_for(kind, out.name)
+    entrypoint = entrypoint_for(kind, config_name, ship_code=ship_code)
+    env = dict(env or {})
+    if local:
+        # Ray's state API inside the job (e.g. Ray Train's placement-group cleaner) finds the cluster by scanning
+        # for GCS processes and gives up when several Rays run on one machine; point it at this dashboard.
+        env.setdefault("RAY_API_SERVER_ADDRESS", url)
     with tempfile.TemporaryDirectory(prefix="fineray-submit-") as tmp:
         (Path(tmp) / config_name).write_text(yaml.safe_dump(staged.config.to_dict(), sort_keys=False))
         for rel, src in staged.data_files.items():
             (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if src.is_dir() else shutil.copyfile)(src, Path(tmp) / rel)
-        return _call(client, client.submit_job, entrypoint=entrypoint_for(kind, config_name, ship_code=ship_code),
-                     submission_id=sid, runtime_env=runtime_env_for(tmp, ship_code=ship_code, env=env),
-                     metadata=job_metadata(cfg, kind, staged.config, overrides))
+        renv, meta = runtime_env_for(tmp, ship_code=ship_code, env=env), job_metadata(cfg, kind, staged.config, overrides)
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            try:
+                sid = _call(client, client.submit_job, entrypoint=entrypoint, submission_id=sid, runtime_env=renv,
+                            metadata=meta)
+                break
+            except JobError as e:
+                # A freshly started head answers before its job agent has registered (the dashboard itself
+                # waits 10 s per request, then says "No available agent ... try again later").
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2.0)
+    return Submission(sid, url, kind, out.name or "", out.dir, out.registry, entrypoint, staged.notes)
+
+
+def submit_job(cfg: RunConfig, kind: str, address: str | None = None, **kwargs: Any) -> str:
+    """`submit_run` returning only the submission id (same arguments)."""
+    return submit_run(cfg, kind, address, **kwargs).submission_id
 
 
 # ------------------------------------------------------------------------------------------------ follow
@@ -341,9 +387,12 @@ def describe_outcome(job: dict[str, Any], logs: str = "", tail_lines: int = 30) 
     lines = [f"job {sid} {status}" + (f" (exit status {code})" if code is not None else "")
              + (f": {msg[0]}" if msg else "")]
     log_lines = [ln for ln in logs.rstrip().splitlines() if ln.strip()]
-    errors = [ln.strip() for ln in log_lines if re.search(r"(^error:|\w+(Error|Exception)\b:)", ln.strip())]
+    errors = [i for i, ln in enumerate(log_lines) if re.search(r"(^error:|\w+(Error|Exception)\b:)", ln.strip())]
     if errors:
-        lines.append(f"cause: {errors[-1]}")
+        cause = log_lines[errors[-1]].strip()
+        if cause.endswith(":") and errors[-1] + 1 < len(log_lines):  # a message wrapped after its colon
+            cause += " " + log_lines[errors[-1] + 1].strip()
+        lines.append(f"cause: {cause}")
     if log_lines:
         lines.append(f"--- last {min(tail_lines, len(log_lines))} log lines ---")
         lines += log_lines[-tail_lines:]

@@ -6,13 +6,17 @@ stores have atomic single-object PUTs, and multi-file folders are published by w
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-__all__ = ["StorageError", "open_fs", "is_remote", "join", "atomic_write_bytes", "read_bytes",
+__all__ = ["StorageError", "atomic_dir", "open_fs", "is_remote", "join", "atomic_write_bytes", "read_bytes",
            "upload_dir", "download_dir", "exists", "listdir", "remove_tree", "rename"]
 
 
@@ -108,3 +112,22 @@ def rename(fs: pafs.FileSystem, src: str, dest: str) -> None:
         os.rename(src, dest)  # raises if dest is a non-empty dir: no silent overwrite
     else:
         fs.move(src, dest)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces `target` in one rename.
+
+    Readers see the old folder or the complete new one, never a half-written one; on error the temporary
+    folder is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

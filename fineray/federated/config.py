@@ -13,6 +13,7 @@ here too, each with the reason in its message:
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -186,11 +187,11 @@ class FederatedConfig(_Section):
         if dupes:
             raise ValueError(f"silos: duplicate names {dupes}")
         if self.local_steps is not None and self.local_epochs is not None:
-            raise ValueError("local_steps and local_epochs are exclusive; set one")
+            raise ValueError("local_steps: local_steps and local_epochs are exclusive; set one")
         if self.local_steps is None and self.local_epochs is None:
             self.local_steps = 10
         if self.min_silos > len(self.silos):
-            raise ValueError(f"min_silos={self.min_silos} exceeds the {len(self.silos)} silos")
+            raise ValueError(f"min_silos: {self.min_silos} exceeds the {len(self.silos)} silos")
         strat = get_strategy(self.strategy)
         unknown = sorted(set(self.strategy_options) - STRATEGY_OPTIONS[strat.name])
         if unknown:
@@ -246,6 +247,9 @@ def _message(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in ("federated", *e["loc"]))
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if not e["loc"] and sep and re.fullmatch(r"[a-z_]+", head):  # cross-field rule naming its key
+            loc, msg = f"federated.{head}", rest
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 

@@ -41,7 +41,18 @@ from fineray.federated.secagg import SecAggConfig, SecAggServer, plan_rerun
 from fineray.federated.state import FederationSnapshot, load_snapshot, save_snapshot
 from fineray.federated.wire import WireError, pack_tensors, sha256_bytes, unpack_array, unpack_tensors
 
-__all__ = ["Federation", "RoundState", "SubmitError", "trainable_keys"]
+__all__ = ["Federation", "RoundState", "SubmitError", "compat_hash", "trainable_keys"]
+
+
+def compat_hash(run_cfg: Any, fcfg: FederatedConfig) -> str:
+    """Hash of the settings a checkpoint depends on (rounds, timeouts and paths may change on resume)."""
+    import hashlib
+    import json
+
+    blob = {"base": run_cfg.model.base, "lora": run_cfg.lora.model_dump(mode="json"), "strategy": fcfg.strategy,
+            "options": fcfg.strategy_options, "dp": fcfg.dp.model_dump(mode="json"),
+            "secagg": fcfg.secure_aggregation.enabled, "silos": sorted((s.name, s.rank) for s in fcfg.silos)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class SubmitError(Exception):
@@ -109,13 +120,20 @@ class Federation:
                                         fcfg.dp.delta) if fcfg.dp.enabled else None)
         self.current: RoundState | None = None
         self.last_seen: dict[str, float] = {}
+        self.config_hash = compat_hash(run_cfg, fcfg)
         snap = load_snapshot(self.state_dir)
         self.resumed = snap is not None
         if snap is None:
             init = init_adapter or (lambda: ad.initial_adapter(run_cfg, fcfg.seed, self.global_rank))
             tensors, config = init()
-            snap = FederationSnapshot(round=0, adapter=tensors, adapter_config=config)
+            snap = FederationSnapshot(round=0, adapter=tensors, adapter_config=config, config_hash=self.config_hash)
             save_snapshot(self.state_dir, snap)
+        elif snap.config_hash and snap.config_hash != self.config_hash:
+            from fineray.train.config import ConfigError
+
+            raise ConfigError(f"the federation state in {self.state_dir} was made with a different model, LoRA, "
+                              "strategy, privacy or silo set; resume with the same settings or use another "
+                              "output.name")
         self.round = snap.round
         self.adapter, self.adapter_config = snap.adapter, snap.adapter_config
         self.residual, self.strategy_state = snap.residual, snap.strategy_state
@@ -147,7 +165,7 @@ class Federation:
             if key not in self._blobs:
                 tensors, config = ad.to_silo_rank(self.adapter, self.adapter_config, r)
                 blob = pack_tensors(tensors, {"version": self.round, "adapter_config": config})
-                self._blobs = {key: (blob, sha256_bytes(blob))}
+                self._blobs[key] = (blob, sha256_bytes(blob))
             blob, sha = self._blobs[key]
             return blob, sha, ad.to_silo_rank(self.adapter, self.adapter_config, r)[1]
 
@@ -280,7 +298,7 @@ class Federation:
             if cur.phase != "mask" or cur.attempt != attempt or cur.keyset is None:
                 raise SubmitError(409, f"attempt {attempt} of round {round_no} is not collecting masked vectors")
             if silo not in cur.keyset:
-                raise SubmitError(403, f"silo {silo!r} is not in the key set of this attempt")
+                raise SubmitError(409, f"silo {silo!r} is not in the key set of this attempt")
             if silo in cur.masked:
                 return "duplicate"
             try:
@@ -293,7 +311,7 @@ class Federation:
     def _check_participant(self, silo: str, round_no: int) -> RoundState:
         cur = self._require_round(round_no)
         if silo not in cur.participants:
-            raise SubmitError(403, f"silo {silo!r} is not a participant of round {round_no}")
+            raise SubmitError(409, f"silo {silo!r} is not a participant of round {round_no}")
         return cur
 
     def _screen(self, silo: str, blob: bytes) -> tuple[list[str], dict[str, Any]]:
@@ -468,7 +486,7 @@ class Federation:
                 round=self.round, adapter=self.adapter, adapter_config=self.adapter_config,
                 residual=self.residual, strategy_state=self.strategy_state,
                 dp_rounds=0 if self.accountant is None else self.accountant.rounds,
-                history=self.history, evals=self.evals))
+                history=self.history, evals=self.evals, config_hash=self.config_hash))
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The servable PEFT adapter of the current global model (residual folded in exactly)."""

@@ -23,7 +23,9 @@ class FederationResult:
             train loss, epsilon, and ``eval`` = the new global adapter's losses (:func:`version_eval`).
         initial_eval: :func:`version_eval` of the round-0 adapter.
         comparison: Rows ``{method, mean_val_loss, cross_val_loss, held_out_loss, steps}`` for
-            ``local-only``, ``federated`` and ``centralised`` (simulation with baselines).
+            ``local-only``, ``federated`` and ``centralised`` (simulation with baselines). ``mean_val_loss``:
+            each silo's validation set (local-only: each silo's own model); ``cross_val_loss``: every model
+            on every silo's set; ``steps``: optimizer steps summed over models (equal compute).
         epsilon: DP epsilon spent (None without DP); ``delta`` its delta.
         adapter_dir: The exported PEFT folder of the final global model.
         registry_ref: ``name@vN`` of the registered adapter (None if not registered).
@@ -105,7 +107,7 @@ def print_federation(result: FederationResult, console: Any = None) -> None:
         console.print(f"differential privacy: epsilon = {result.epsilon:.3f} at delta = {result.delta:g}")
     if result.comparison:
         c = Table(title="local-only vs federated vs centralised (validation loss, nats/token)")
-        for col in ("method", "own silo val", "all silos val", "held-out", "steps"):
+        for col in ("method", "own silo val", "all silos val", "held-out", "total steps"):
             c.add_column(col, justify="left" if col == "method" else "right")
         for r in result.comparison:
             c.add_row(r["method"], _f(r.get("mean_val_loss")), _f(r.get("cross_val_loss")),

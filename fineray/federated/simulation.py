@@ -225,7 +225,7 @@ def _baselines(cfg: RunConfig, fcfg: FederatedConfig, fed: Federation, silos: _S
     return [
         {"method": "local-only", "mean_val_loss": mean([e[s] for e, s in zip(local, names, strict=True)]),
          "cross_val_loss": mean([e[s] for e in local for s in names]),
-         "held_out_loss": mean([e.get("held_out") for e in local]), "steps": steps},
+         "held_out_loss": mean([e.get("held_out") for e in local]), "steps": total_steps},
         {"method": "federated", "mean_val_loss": mean([ev["federated"][s] for s in names]),
          "cross_val_loss": mean([ev["federated"][s] for s in names]),
          "held_out_loss": ev["federated"].get("held_out"), "steps": total_steps},

@@ -27,10 +27,17 @@ from fineray.serve.protocol import (SSE_DONE, APIError, ChatCompletionRequest, C
 from fineray.serve.router import ModelCatalog, Target
 from fineray.train.config import ConfigError
 
-__all__ = ["ApiService", "LOOPBACK"]
+__all__ = ["ApiService", "LOOPBACK", "refuse_remote"]
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def refuse_remote(keys_enabled: bool, insecure_no_auth: bool, client_host: str | None) -> bool:
+    """Without API keys only loopback clients are served (unless `insecure_no_auth`)."""
+    if keys_enabled or insecure_no_auth:
+        return False
+    return bool(client_host) and client_host not in LOOPBACK
 
 
 class _Call:
@@ -125,11 +132,10 @@ class ApiService:
     def _principal(self, request: Request) -> Principal:
         self._maybe_reload()
         self._start_flusher()
-        if not self.keys.enabled and not self.cfg.insecure_no_auth:
-            host = request.client.host if request.client else ""
-            if host and host not in LOOPBACK:  # no keys: loopback clients only (defence in depth)
-                raise APIError(403, "This server has no API keys configured and only answers loopback clients.",
-                               type="permission_error", code="unauthenticated_remote")
+        host = request.client.host if request.client else None
+        if refuse_remote(self.keys.enabled, self.cfg.insecure_no_auth, host):  # defence in depth behind bind_host
+            raise APIError(403, "This server has no API keys configured and only answers loopback clients.",
+                           type="permission_error", code="unauthenticated_remote")
         return self.keys.authenticate(request.headers.get("authorization"))
 
     async def _json(self, request: Request) -> Any:

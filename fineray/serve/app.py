@@ -38,10 +38,12 @@ from fineray.serve.config import ServeConfig, load_serve_config, serve_config_fr
 from fineray.serve.metrics import EventBuffer, ServeMetrics
 from fineray.serve.protocol import error_body
 
-__all__ = ["build_app", "build_application", "ModelServer", "OpenAIIngress", "MetricsHub", "APP_NAME"]
+__all__ = ["build_app", "build_application", "ModelServer", "OpenAIIngress", "MetricsHub", "APP_NAME",
+           "MODEL_DEPLOYMENT"]
 
 log = logging.getLogger(__name__)
 APP_NAME = "fineray"
+MODEL_DEPLOYMENT = "FinerayServer"  # k8s/base/rayservice.yaml overrides its autoscaling by this name
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000, num_replicas=1)
@@ -101,7 +103,7 @@ def _err(status: int, message: str, code: str, type: str = "server_error", param
     return {"status": status, "message": message, "type": type, "code": code, "param": param}
 
 
-@serve.deployment
+@serve.deployment(name=MODEL_DEPLOYMENT)
 class ModelServer:
     """One base model per replica; adapters loaded on demand (LRU) and batched together."""
 
@@ -322,14 +324,13 @@ def build_application(cfg: ServeConfig) -> Any:
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.5,
     }
-    if a.min_replicas == a.max_replicas:
-        model_opts["num_replicas"] = a.max_replicas
-    else:
-        model_opts["autoscaling_config"] = {
-            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-            "initial_replicas": max(1, a.min_replicas), "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
-        }
+    # Always an autoscaling config (min == max is a fixed count): a RayService's serveConfigV2 may then
+    # override it per deployment without clashing with a code-set num_replicas.
+    model_opts["autoscaling_config"] = {
+        "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+        "initial_replicas": max(1, a.min_replicas), "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+    }
     cfg_dict = cfg.to_dict()
     hub = MetricsHub.bind()
     model = ModelServer.options(**model_opts).bind(cfg_dict, hub)

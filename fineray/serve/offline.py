@@ -125,18 +125,20 @@ def generate_offline(model_ref: str | None, input_path: str | Path, output_path:
         adapter_ref, adapter_path = version.ref, str(reg.local_path(version.ref))
         base = base or version.manifest.get("base_model")
     base = base or EMBEDDED_MODEL
-    n_lines = sum(1 for line in inp.open() if line.strip())
+    lines = [line for line in inp.read_text().splitlines() if line.strip()]
     defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop or [],
                 "seed": seed}
     stats = {"records": 0, "errors": 0, "completion_tokens": 0}
     outp.parent.mkdir(parents=True, exist_ok=True)
     tmp = outp.with_name(outp.name + ".partial")
-    with ray_cluster(address, num_cpus or max(2, num_workers)):
+    # Workers hold their CPUs for the whole run; one more CPU keeps Ray Data's own tasks schedulable.
+    with ray_cluster(address, num_cpus or num_workers * (0 if use_gpu else threads_per_worker) + 1):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # output lines in input order
-        ds = ray.data.read_text(str(inp.resolve()))
-        # one file is one block: split it so every worker gets batches
-        ds = ds.repartition(max(1, min(math.ceil(n_lines / batch_size), num_workers * 8)))
+        # Lines go in from the driver as blocks of ~batch_size records, so every worker gets batches
+        # (a single file read by `read_text` is one block, and its read task competes with the actors).
+        ds = ray.data.from_items([{"text": line} for line in lines],
+                                 override_num_blocks=max(1, min(math.ceil(len(lines) / batch_size), 1000)))
         ds = ds.map_batches(BatchGenerator, batch_size=batch_size, concurrency=num_workers,
                             num_cpus=0 if use_gpu else threads_per_worker, num_gpus=1 if use_gpu else 0,
                             fn_constructor_kwargs={"base": base, "adapter_path": adapter_path,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from fineray.cluster.storage import atomic_dir
 
 __all__ = ["cache_dir", "build_once"]
 
@@ -33,13 +33,7 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / ".complete").exists():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             build(tmp)
             (tmp / ".complete").touch()
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fineray.cluster.storage import atomic_dir
 
 __all__ = ["LoopState", "save_checkpoint", "load_checkpoint", "unwrap", "save_weights", "write_jsonl"]
 
@@ -64,21 +64,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def save_checkpoint(out: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: LoopState, base_name: str | None = None) -> Path:
     """Write a complete checkpoint to `out` atomically (temp folder + rename)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_weights(model, tmp, base_name)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "state": {k: v for k, v in asdict(state).items() if k != "history"}},
                    tmp / "trainer_state.pt")
         write_jsonl(tmp / "metrics.jsonl", state.history)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from fineray.cluster.storage import atomic_dir
 
 __all__ = ["merge_adapter"]
 
@@ -41,15 +40,7 @@ def merge_adapter(adapter: str, out: str | Path, *, registry: str = "adapters", 
     merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
     merged.config.use_cache = True
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with torch.no_grad():
-            merged.save_pretrained(tmp, safe_serialization=True)
+    with atomic_dir(out) as tmp, torch.no_grad():
+        merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -94,7 +94,10 @@ def apply_fast_path(model: torch.nn.Module, fast: FastPath) -> torch.nn.Module:
     if fast.chunked_loss:
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         softcap = getattr(lm.config, "final_logit_softcapping", None)
-        if type(head) is torch.nn.Linear and head.bias is None and not softcap:
+        if isinstance(head, LossHead):  # already installed (the same model trained twice in one process)
+            head.chunk_tokens = fast.chunk_tokens
+            fast.head = head
+        elif type(head) is torch.nn.Linear and head.bias is None and not softcap:
             fast.head = LossHead(head, fast.chunk_tokens)
             lm.set_output_embeddings(fast.head)
         else:  # a LoRA-wrapped or biased head, or logit soft-capping: keep the plain loss

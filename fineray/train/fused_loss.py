@@ -63,7 +63,7 @@ class _ChunkedCE(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 g = probs.mul_(scale).to(hidden.dtype)
                 if need_h:
-                    grad_h.index_copy_(0, idx + s, g @ weight)
+                    grad_h.index_copy_(0, idx + s, (g @ weight).to(grad_h.dtype))
                 if need_w:
                     grad_w.add_((g.t() @ h).to(grad_w.dtype))
             del logits

@@ -167,6 +167,8 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
             now = time.perf_counter()
             tokens_all = session.all_reduce_sum([tok_window])[0]
             row["tokens_per_s"] = tokens_all / max(now - t_window, 1e-9)
+            if use_gpu:
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
             state.tokens_seen += int(tokens_all)
             t_window, tok_window = now, 0
         last = state.step == total_steps

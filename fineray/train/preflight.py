@@ -5,7 +5,8 @@ Memory model (bytes per GPU; W = workers, T = tokens per micro-batch = batch_siz
 case for both padded and packed batches; h, i, kv = hidden, MLP and key/value widths; L layers; V vocab):
 
   weights       params x 2 (bf16 on GPU; 4 for fp32), QLoRA linears x 0.516 (NF4 + double-quantised
-                absmax); /W for the sharded parts under FSDP and ZeRO-3
+                absmax) and its other params x 4 (PEFT's k-bit preparation upcasts them to fp32); /W for the
+                sharded parts under FSDP and ZeRO-3
   adapter       LoRA params x 16 (fp32 weight, grad, two AdamW moments; PEFT keeps adapters in fp32;
                 10 with the 8-bit optimiser)
   full FT       DDP: +8 per param (bf16 grad, DDP bucket copy, two bf16 AdamW moments: the loop trains bf16
@@ -22,7 +23,8 @@ case for both padded and packed batches; h, i, kv = hidden, MLP and key/value wi
   dense mask    packed rows with the `sdpa` backend: T^2 bytes (boolean document mask)
 
 The coefficients were fitted to HF Trainer measurements on an H200 (Llama-3.2-1B 2048x8: 54.6 GiB measured,
-53.6 estimated; Llama-3-8B 2048x4: 80.4 measured, 79.0 estimated) and are checked against the fast path's
+55.6 estimated; Llama-3-8B 2048x4: 80.4 measured, 76.8 estimated; 1B realistic batch 16, whose worst batch
+is 16 x 2048 tokens: 111.7 measured, 108.8 estimated) and are checked against the fast path's
 measured peaks in `bench/RESULTS_gpu.md`.
 """
 
@@ -254,8 +256,8 @@ def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> M
     linear = shape.layers * shape.block_linear_params
     other = shape.embed_params + shape.norm_params
     if cfg.method == "qlora":
-        weights = linear * 0.516 + other * 2  # NF4 blocks of 64 + 8-bit absmax; embeddings/head/norms bf16
-        parts["weights (4-bit base)"] = weights if strat != "fsdp" else linear * 0.516 + other * 2 / w
+        # NF4 blocks of 64 + 8-bit absmax; embeddings/head/norms are upcast to fp32 by PEFT's k-bit preparation
+        parts["weights (4-bit base)"] = linear * 0.516 + other * 4 / (w if strat == "fsdp" else 1)
     elif cfg.method == "full":
         n = shape.params
         if strat == "fsdp":
@@ -314,11 +316,17 @@ def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> M
 
 def _suggestions(cfg: Any, est: MemoryEstimate, limit: float) -> list[str]:
     t, tips = cfg.train, []
-    big = max(est.parts, key=est.parts.get)
-    if big.startswith("logits") and "chunked" not in big:
-        tips.append("train.fast.chunked_loss=true (the logits are the largest part)")
-    if big.startswith("activations") and not t.grad_checkpointing:
-        tips.append("train.grad_checkpointing=true (activations are the largest part)")
+    share = {k: v / max(est.total, 1.0) for k, v in est.parts.items()}
+    for k in sorted(share, key=share.get, reverse=True):
+        if k == "logits" and share[k] > 0.1:
+            tips.append(f"train.fast.chunked_loss=true (the full logits are {share[k]:.0%} of the total)")
+        if k == "activations" and share[k] > 0.3 and not t.grad_checkpointing:
+            tips.append(f"train.grad_checkpointing=true (activations are {share[k]:.0%} of the total)")
+            if cfg.lora.dropout > 0 and cfg.method != "full":
+                tips.append("lora.dropout=0 (each LoRA layer keeps a dropped copy of its input and a mask: "
+                            "about +60% activation memory on Llama shapes)")
+        if k == "dense document mask" and share[k] > 0.05:
+            tips.append("train.fast.packing_attention=auto (no dense mask with the varlen kernel)")
     if est.total > limit:
         if cfg.method in ("lora", "dora"):
             tips.append("method=qlora (4-bit base weights)")
@@ -363,10 +371,11 @@ def format_plan(plan: Plan) -> str:
     lines = [f"plan: {s.get('model')} method={s.get('method')} strategy={s.get('strategy')} "
              f"workers={s.get('workers')} gpu={s.get('gpu')}"]
     if "params" in s:
-        lines.append(f"  model: {s['params'] / 1e9:.2f} B params; {s['tokens_per_micro_batch']:,} tokens per "
+        size = f"{s['params'] / 1e9:.2f} B" if s["params"] >= 1e8 else f"{s['params'] / 1e6:.2f} M"
+        lines.append(f"  model: {size} params; {s['tokens_per_micro_batch']:,} tokens per "
                      "micro-batch per worker (batch_size x max_seq_len)")
     if plan.estimate is not None:
-        lines.append(f"memory per GPU (estimate, peak allocated):")
+        lines.append("memory per GPU (estimate, peak allocated):")
         for k, v in plan.estimate.parts.items():
             lines.append(f"  {k:<38} {v / GiB:8.2f} GiB")
         lines.append(f"  {'total':<38} {plan.estimate.total_gib:8.2f} GiB of {plan.gpu_memory_gib:.0f} GiB")

@@ -39,13 +39,13 @@ class Searcher(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
 
-def trial_record(trial: Any) -> dict[str, Any]:
-    """A compact record of a finished Tune trial (as the driver sees it)."""
+def trial_record(trial: Any, failed: bool = False) -> dict[str, Any]:
+    """A compact record of a finished Tune trial (callbacks run before Tune updates `trial.status`)."""
     last = dict(trial.last_result or {})
-    rec = {"trial_id": trial.trial_id, "status": trial.status, "params": dict(trial.config or {}),
+    rec = {"trial_id": trial.trial_id, "status": "ERROR" if failed else "TERMINATED", "params": dict(trial.config or {}),
            "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float, str, bool)) or v is None},
            "error": None}
-    if trial.status == "ERROR":
+    if failed:
         err = None
         get_error = getattr(trial, "get_error", None)
         if callable(get_error):
@@ -72,7 +72,7 @@ class SweepCallback(ray.tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if (live := self._live()) is not None:
-            live.finished(trial_record(trial))
+            live.finished(trial_record(trial, failed=True))
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if (live := self._live()) is not None:

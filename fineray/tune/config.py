@@ -93,7 +93,7 @@ class TuneConfig(_Section):
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
     scheduler: SchedulerConfig = SchedulerConfig()
-    search_space: dict[str, dict[str, Any]]
+    search_space: dict[str, Any]
     seed: int = 0
     base_first: bool = True
     max_failures: int = Field(1, ge=0)
@@ -110,6 +110,13 @@ class TuneConfig(_Section):
             raise ValueError(f"metric must be one or more distinct names, got {self.metric!r}")
         if not self.search_space:
             raise ValueError("search_space is empty: give at least one `key: {distribution: [...]}`")
+        if self.registry_name:
+            from fineray.train.registry import RegistryError, validate_name
+
+            try:
+                validate_name(self.registry_name)
+            except RegistryError as e:
+                raise ValueError(str(e)) from None
         if self.scheduler.metric and self.scheduler.metric not in TRAINING_METRICS:
             raise ValueError(f"scheduler.metric={self.scheduler.metric!r} is not reported during training; "
                              f"use one of {sorted(TRAINING_METRICS)}")
@@ -269,12 +276,15 @@ def validate_search_space(cfg: RunConfig, tcfg: TuneConfig | None = None) -> dic
     for key, spec in tcfg.search_space.items():
         where = f"tune.search_space.{key}"
         parts = key.split(".")
-        if len(parts) < 2 or not all(parts):
+        if not all(parts):
             raise ConfigError(f"{where}: keys are dotted RunConfig keys like train.lr or lora.r")
         if parts[0] in ("tune", "output", "cluster"):
             raise ConfigError(f"{where}: the {parts[0]} section cannot be searched")
-        if not isinstance(_lookup(base, parts), (int, float, str, bool, type(None))):
-            raise ConfigError(f"{where}: not a RunConfig setting (unknown key or a whole section)")
+        current = _lookup(base, parts)
+        if isinstance(current, dict):
+            raise ConfigError(f"{where}: is a whole section; keys are dotted RunConfig keys like train.lr or lora.r")
+        if not isinstance(current, (int, float, str, bool, type(None))):
+            raise ConfigError(f"{where}: not a RunConfig setting (unknown key)")
         dist = parse_distribution(key, spec)
         for value in dist.bounds_to_check():
             try:

@@ -18,7 +18,7 @@ from fineray.tune.config import Distribution, TuneConfig
 from fineray.tune.trainable import LOOP_DONE, trial_config, weights_dir
 
 __all__ = ["SweepResult", "trial_records", "pick_best", "pareto_front", "write_best_config", "register_best",
-           "write_plots", "print_sweep"]
+           "write_plots", "print_sweep", "default_registry_name"]
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _error_text(err: BaseException) -> str:
 
 
 def trial_records(grid: Any, keys: list[str], tcfg: TuneConfig, attempts: dict[str, int]) -> list[dict[str, Any]]:
-    """Records of every trial of a Tune ResultGrid, ordered by trial id (= creation order)."""
+    """Records of every trial of a Tune ResultGrid, in creation order."""
     out = []
     for r in grid:
         m = dict(r.metrics or {})
@@ -83,7 +83,7 @@ def trial_records(grid: Any, keys: list[str], tcfg: TuneConfig, attempts: dict[s
             "error": _error_text(r.error) if r.error else None,
             "checkpoint_path": m.get("checkpoint_path"),
         })
-    return sorted(out, key=lambda x: x["trial_id"])
+    return out
 
 
 def pareto_front(records: list[dict[str, Any]], metrics: list[str], modes: list[str]) -> list[dict[str, Any]]:
@@ -146,7 +146,7 @@ def register_best(base: dict[str, Any], tcfg: TuneConfig, best: dict[str, Any], 
     ckpt = best.get("checkpoint_path")
     if not ckpt:
         raise RuntimeError(f"best trial {best['trial_id']} reported no checkpoint")
-    name = tcfg.registry_name or re.sub(r"-\d{8}-\d{6}$", "", sweep_name)[:64]
+    name = tcfg.registry_name or default_registry_name(cfg, sweep_name)
     hp = {"method": cfg.method, "lora": cfg.lora.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
           "num_workers": cfg.scaling.num_workers, "searched": best["params"]}
     metrics = {k: v for k, v in best["metrics"].items() if _finite(v)}
@@ -164,6 +164,14 @@ def register_best(base: dict[str, Any], tcfg: TuneConfig, best: dict[str, Any], 
                                hyperparameters=hp, dataset_fingerprint=dataset_fingerprint(cfg),
                                metrics=metrics, lineage=lineage)
     return version.ref
+
+
+def default_registry_name(cfg: Any, sweep_name: str) -> str:
+    """The sweep name without its timestamp; `<base>-<method>-sweep` for default-named sweeps."""
+    stem = re.sub(r"-?\d{8}-\d{6}$", "", sweep_name)
+    if stem in ("", "sweep"):
+        stem = f"{cfg.model.base.split(':')[-1].split('/')[-1]}-{cfg.method}-sweep"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", stem).strip("-._")[:64] or "sweep"
 
 
 def _study(records: list[dict[str, Any]], space: dict[str, Distribution], metrics: list[str],

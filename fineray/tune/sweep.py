@@ -91,10 +91,24 @@ def _local_dir(sweep_uri: str, name: str) -> Path:
     return Path(sweep_uri)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextlib.contextmanager
 def _ray(cfg: RunConfig) -> Iterator[None]:
-    """Ray for the sweep: a private local cluster (dashboard on: without it Tune + Train V2 leaked finished
-    trials' placement groups), or the configured cluster. Worker logs stay in Ray's log files."""
+    """Ray for the sweep: a private local cluster, or the configured cluster.
+
+    Why the private cluster gets a fixed GCS port and `RAY_ADDRESS` in its workers' environment: when Tune stops
+    a trial (ASHA), the trial's Ray Train controller dies with it and Train V2's PlacementGroupCleaner frees
+    the workers' placement group only after seeing the controller dead through the State API. That API
+    finds "the" cluster by address; with several Ray clusters on one machine (or no dashboard) the lookup
+    fails, the group leaks, and later trials wait forever for CPUs. Worker logs stay in Ray's log files.
+    """
     import ray
 
     if ray.is_initialized():
@@ -107,7 +121,19 @@ def _ray(cfg: RunConfig) -> Iterator[None]:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True, **kwargs)
+        from ray._private.services import get_node_ip_address
+
+        port = _free_port()
+        saved = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
+                     runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}, **kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = saved
     try:
         yield
     finally:
@@ -213,8 +239,10 @@ def _scheduler(cfg: RunConfig, tcfg: TuneConfig) -> Any:
     max_t = s.max_t or (total if by_step and total else max(1, (total or 100) // cfg.train.eval_every) + 1)
     if by_step and total and max_t < total:
         log.warning("ASHA max_t=%d < train.max_steps=%d: every trial stops at step %d", max_t, total, max_t)
+    # stop_last_trials=False: a trial reaching max_t finishes its own run (final checkpoint, eval,
+    # final.json) instead of being killed at its last report.
     return ASHAScheduler(time_attr=s.time_attr, metric=metric, mode=mode, grace_period=grace,
-                         reduction_factor=s.reduction_factor, max_t=max_t)
+                         reduction_factor=s.reduction_factor, max_t=max_t, stop_last_trials=False)
 
 
 def _new_tuner(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sweep_uri: str) -> Any:
@@ -243,6 +271,8 @@ def _tune_env() -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # Save Tune's experiment state every 2 s (default: >= 10 s) so a killed driver loses little on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune's console tables and banners duplicate our per-trial lines; verbose=0 silences the legacy output.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

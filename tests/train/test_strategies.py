@@ -1,0 +1,153 @@
+"""Strategies: selection, generated DeepSpeed configs, FSDP units, sharded checkpoints, resume (CPU, gloo)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fineray.train.config import load_config
+from fineray.train.session import LocalSession
+from fineray.train.strategies import (DeepSpeedStrategy, FSDPStrategy, Strategy, consolidate_checkpoint,
+                                      deepspeed_config, fsdp_units, make_strategy)
+
+BASE = ["model.base=tiny:llama", "train.batch_size=4", "train.lr=3e-3", "data.validation=null", "lora.r=4",
+        "lora.dropout=0", "data.max_examples=64", "train.scheduler=constant", "train.warmup_ratio=0"]
+
+
+def test_strategy_selection():
+    s = LocalSession("/tmp/unused")
+    assert type(make_strategy(load_config(None, BASE), s)) is Strategy
+    assert isinstance(make_strategy(load_config(None, BASE + ["train.strategy=fsdp"]), s), FSDPStrategy)
+    assert isinstance(make_strategy(load_config(None, BASE + ["train.strategy=deepspeed"]), s), DeepSpeedStrategy)
+
+
+def test_deepspeed_config_per_stage_and_user_merge(tmp_path: Path):
+    z2 = deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed", "train.deepspeed.stage=2",
+                                                     "train.grad_accum=3"]), world_size=2, use_gpu=True)
+    assert z2["zero_optimization"]["stage"] == 2 and "stage3_gather_16bit_weights_on_model_save" not in \
+        z2["zero_optimization"]
+    assert (z2["train_micro_batch_size_per_gpu"], z2["gradient_accumulation_steps"], z2["train_batch_size"]) == \
+        (4, 3, 24)
+    assert z2["bf16"]["enabled"] and not z2["fp16"]["enabled"] and z2["gradient_clipping"] == 1.0
+    z3 = deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed", "train.deepspeed.offload_optimizer=true",
+                                                     "train.deepspeed.offload_params=true"]), 4, use_gpu=True)
+    zo = z3["zero_optimization"]
+    assert zo["stage"] == 3 and zo["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zo["offload_optimizer"]["device"] == "cpu" and zo["offload_param"]["device"] == "cpu"
+    assert deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed"]), 2, use_gpu=False)["bf16"] == \
+        {"enabled": False}
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "train_batch_size": 999,
+                                "steps_per_print": 5}))
+    merged = deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed",
+                                                        f"train.deepspeed.config_file={user}"]), 2, use_gpu=False)
+    assert merged["zero_optimization"]["reduce_bucket_size"] == 123 and merged["zero_optimization"]["stage"] == 3
+    assert merged["steps_per_print"] == 5 and merged["train_batch_size"] == 8  # batch keys follow the run config
+
+
+def test_fsdp_units_are_the_blocks_then_the_root():
+    from fineray.train.model import load_for_training
+
+    _, model = load_for_training(load_config(None, BASE))
+    assert fsdp_units(model) == ["base_model.model.model.layers.0", "base_model.model.model.layers.1", ""]
+
+
+@pytest.fixture
+def process_group():
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_fsdp_in_process_sharded_checkpoint_resume_and_consolidation(tmp_path: Path, process_group):
+    from safetensors.torch import load_file
+
+    from fineray.train.loop import train_loop
+
+    cfg = load_config(None, BASE + ["method=full", "train.strategy=fsdp", "train.max_steps=4", "train.eval_every=2",
+                                    "train.fsdp.activation_checkpointing=false"])
+    full = LocalSession(tmp_path / "a")
+    ref = train_loop(cfg, full)
+    first, last = full.checkpoints
+    assert {p.name for p in first.iterdir()} == {"shards", "trainer_state.pt", "metrics.jsonl"}
+    assert (last / "model" / "model.safetensors").is_file()  # the final checkpoint is consolidated
+    resumed = train_loop(cfg, LocalSession(tmp_path / "b", resume_from=str(first)))
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
+    assert [r["train_loss"] for r in resumed.history[2:]] == pytest.approx(
+        [r["train_loss"] for r in ref.history[2:]], rel=1e-5)
+    out = consolidate_checkpoint(last, tmp_path / "consolidated", base="tiny:llama")
+    offline = load_file(out / "model.safetensors")
+    online = load_file(last / "model" / "model.safetensors")
+    assert set(offline) == set(online) and len(online) > 10
+    for k in online:
+        torch.testing.assert_close(offline[k], online[k])
+
+
+def test_fsdp_lora_checkpoint_has_the_adapter(tmp_path: Path, process_group):
+    from fineray.train.loop import train_loop
+
+    cfg = load_config(None, BASE + ["train.strategy=fsdp", "train.max_steps=2", "train.eval_every=2"])
+    s = LocalSession(tmp_path)
+    train_loop(cfg, s)
+    ck = s.checkpoints[-1]
+    assert {p.name for p in (ck / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    from safetensors.torch import load_file
+
+    keys = list(load_file(ck / "adapter" / "adapter_model.safetensors"))
+    assert keys and all("lora_" in k for k in keys)
+
+
+# ---------------------------------------------------------------------- 2 workers through Ray Train (gloo, CPU)
+def _ray_fit(cfg, storage: Path, resume=None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fineray.train.loop import ray_worker_entry
+
+    return TorchTrainer(
+        ray_worker_entry, train_loop_config={"run": cfg.to_dict()}, torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name="resume" if resume else "ray", storage_path=str(storage),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        resume_from_checkpoint=resume).fit()
+
+
+def _history(result):
+    with result.checkpoint.as_directory() as d:
+        return [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def ray2(tmp_path_factory):
+    from fineray.cluster.connect import ray_cluster
+
+    with ray_cluster(None, num_cpus=2):
+        yield tmp_path_factory.mktemp("ray-strategies")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("strategy", ["deepspeed-3", "deepspeed-2", "fsdp"])
+def test_two_workers_sharded_training_resumes_at_the_saved_step(ray2, strategy):
+    kind, _, stage = strategy.partition("-")
+    extra = [f"train.strategy={kind}"] + ([f"train.deepspeed.stage={stage}"] if stage else [])
+    cfg = load_config(None, BASE + extra + ["method=full", "train.max_steps=4", "train.eval_every=2",
+                                            "scaling.num_workers=2", "train.fsdp.activation_checkpointing=false"])
+    res = _ray_fit(cfg, ray2 / strategy)
+    hist = _history(res)
+    assert [r["step"] for r in hist] == [1, 2, 3, 4] and hist[-1]["train_loss"] < hist[0]["train_loss"]
+    first = sorted(res.best_checkpoints, key=lambda c: c[1]["step"])[0]
+    assert first[1]["step"] == 2
+    with first[0].as_directory() as d:
+        names = {p.name for p in Path(d).rglob("*") if p.is_file()}
+    if kind == "fsdp":
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= names  # both ranks' shards merged by Ray
+    else:
+        assert any("zero_pp_rank_1" in n for n in names) and any("zero_pp_rank_0" in n for n in names)
+    with res.checkpoint.as_directory() as d:
+        assert (Path(d) / "model" / "model.safetensors").is_file()  # consolidated at the end
+    resumed = _history(_ray_fit(cfg, ray2 / strategy, resume=first[0]))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["train_loss"] for r in resumed[2:]] == pytest.approx([r["train_loss"] for r in hist[2:]], rel=1e-4)
