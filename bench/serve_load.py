@@ -34,16 +34,22 @@ QUESTIONS = ["My order #{i} never arrived, can I get a refund?", "The app crashe
 
 
 def make_base(base: str, random_weights: bool) -> str:
-    """A base spec; with random weights, fill a folder that has only config + tokenizer (GPU bench)."""
-    p = Path(base)
-    if random_weights and p.is_dir() and not (p / "model.safetensors").exists():
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+    """A base spec; with random weights, a copy of a config+tokenizer folder filled with random weights (the
+    GPU bench: same shapes and cost as the real model, nothing large to carry)."""
+    src = Path(base)
+    if not random_weights:
+        return base
+    import shutil
 
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dst = Path(tempfile.gettempdir()) / f"fineray-bench-{src.name}"
+    if not (dst / "model.safetensors").exists():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p))
-        model.save_pretrained(p)
-    return base
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(dst)).save_pretrained(dst)
+    return str(dst)
 
 
 def make_adapters(base: str, k: int, root: Path, r: int = 16) -> list[str]:
@@ -73,23 +79,27 @@ def make_adapters(base: str, k: int, root: Path, r: int = 16) -> list[str]:
 
 
 def summarize(mode: str, k: int, latencies: list[float], tokens: int, wall: float) -> dict[str, Any]:
-    lat = sorted(latencies)
+    lat = sorted(latencies) or [float("nan")]
     return {"mode": mode, "adapters": k, "requests": len(lat), "wall_s": round(wall, 2),
             "req_per_s": round(len(lat) / wall, 2), "tokens_per_s": round(tokens / wall, 1),
             "p50_s": round(statistics.median(lat), 3), "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3)}
 
 
 # ---------------------------------------------------------------------------------------------- HTTP mode
-async def http_load(url: str, names: list[str], clients: int, requests: int, max_tokens: int) -> tuple[list, int]:
+async def http_load(url: str, names: list[str], clients: int, requests: int, max_tokens: int,
+                    max_seconds: float = 1e9) -> tuple[list, int]:
     import httpx
 
     latencies: list[float] = []
     tokens = 0
     counter = iter(range(requests))
+    deadline = time.perf_counter() + max_seconds
 
     async def client(c: httpx.AsyncClient) -> None:
         nonlocal tokens
         for i in counter:
+            if time.perf_counter() > deadline:
+                return
             body = {"model": names[i % len(names)], "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": QUESTIONS[i % 4].format(i=i)}]}
             t0 = time.perf_counter()
@@ -118,13 +128,41 @@ def run_http(args: argparse.Namespace, base: str, registry: Path, names: list[st
                 ks = names[:k]
                 asyncio.run(http_load(srv.url, ks, min(args.clients, len(ks) * 2), len(ks) * 2, 4))  # load all
                 t0 = time.perf_counter()
-                lat, tok = asyncio.run(http_load(srv.url, ks, args.clients, args.requests, args.max_tokens))
+                lat, tok = asyncio.run(http_load(srv.url, ks, args.clients, args.requests, args.max_tokens,
+                                                 args.max_seconds))
                 results.append(summarize(mode, k, lat, tok, time.perf_counter() - t0))
                 print(json.dumps(results[-1]), flush=True)
     return results
 
 
 # ---------------------------------------------------------------------------------------------- engine mode
+def engine_load(eng: Any, prompts: list[list[int]], params: Any, names: list[str], clients: int,
+                requests: int, max_seconds: float) -> tuple[list[float], int]:
+    """`clients` threads, each generating one request at a time until `requests` are done or time is up."""
+    latencies: list[float] = []
+    tokens = [0]
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    deadline = time.perf_counter() + max_seconds
+
+    def client() -> None:
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            t0 = time.perf_counter()
+            c = eng.generate([prompts[i % len(prompts)]], params, [names[i % len(names)]])[0]
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                tokens[0] += c.completion_tokens
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, tokens[0]
+
+
 def run_engine(args: argparse.Namespace, base: str, registry: Path, names: list[str]) -> list[dict[str, Any]]:
     from fineray.serve.engine import Engine
     from fineray.serve.sampling import SamplingParams
@@ -143,26 +181,10 @@ def run_engine(args: argparse.Namespace, base: str, registry: Path, names: list[
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
         eng.generate(prompts[:2], params, names[:2])  # warm-up (CUDA context, kernels)
         for k in args.adapters:
-            latencies: list[float] = []
-            tokens = [0]
-            counter = iter(range(args.requests))
-            lock = threading.Lock()
-
-            def client() -> None:
-                for i in counter:
-                    t0 = time.perf_counter()
-                    c = eng.generate([prompts[i % 64]], params, [names[i % k]])[0]
-                    with lock:
-                        latencies.append(time.perf_counter() - t0)
-                        tokens[0] += c.completion_tokens
-
             t0 = time.perf_counter()
-            threads = [threading.Thread(target=client) for _ in range(args.clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            results.append(summarize(mode, k, latencies, tokens[0], time.perf_counter() - t0))
+            latencies, tokens = engine_load(eng, prompts, params, names[:k], args.clients, args.requests,
+                                            args.max_seconds)
+            results.append(summarize(mode, k, latencies, tokens, time.perf_counter() - t0))
             print(json.dumps(results[-1]), flush=True)
         eng.close()
     return results
@@ -180,6 +202,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    ap.add_argument("--max-seconds", type=float, default=1e9, help="stop starting requests after this (per case)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

@@ -72,9 +72,11 @@ class Case:
 
 CASES = {
     "tiny-real16": Case("tiny", 16, "realistic", steps=10, warmup=2, compile=False),
+    "tiny-smoke": Case("tiny", 4, "realistic", steps=3, warmup=1, compile=False),
     "1b-real16": Case("1b", 16, "realistic"),
     "1b-real16-nocompile": Case("1b", 16, "realistic", compile=False),
     "1b-full8": Case("1b", 8, "full"),
+    "8b-real8-nocompile": Case("8b", 8, "realistic", compile=False, steps=8, warmup=2),
     "8b-real4": Case("8b", 4, "realistic"),
     "8b-real8": Case("8b", 8, "realistic"),
     "8b-full4": Case("8b", 4, "full", steps=10),
@@ -307,7 +309,9 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
         def report(self, metrics: dict[str, Any], write_checkpoint: Any = None) -> None:
             self.reports.append(dict(metrics))  # no checkpoint files in a benchmark
 
+    gc.collect()
     if gpu:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         loop.train_loop(cfg, Clocked(tmp, device=device))
@@ -328,7 +332,7 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
 # ----------------------------------------------------------------------------------------------------- table
 def table(rows: list[dict[str, Any]]) -> str:
     by: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in rows:
+    for r in [r for r in rows if "error" not in r]:
         key = r["case"].replace("-nocompile", "")
         by.setdefault(key, {})[r["side"] + ("-nocompile" if "nocompile" in r["case"] else "")] = r
     lines = ["| case | side | tok/s (useful) | MFU | peak alloc GiB | tokens/step | ratio tok/s | ratio mem |",

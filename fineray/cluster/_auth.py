@@ -199,10 +199,11 @@ def connect(address: str | None, token: str | None = None, *, timeout_s: float =
     """
     url = resolve_address(address)
     tok, source = resolve_token(token)
-    for name in _CHATTY_LOGGERS:  # "Uploading package ...", "WebSocket closed ..." at INFO on every call
-        logging.getLogger(name).setLevel(logging.WARNING)
     probe_dashboard(url, tok, source, timeout_s=timeout_s)
     from ray.job_submission import JobSubmissionClient
+
+    for name in _CHATTY_LOGGERS:  # "Uploading package ...", "WebSocket closed ..." at INFO (set on import)
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     with _without_address_env():
         try:

@@ -300,6 +300,11 @@ def _ts(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000).isoformat(timespec="seconds") if ms else None
 
 
+def _short(message: str | None) -> str | None:
+    # Ray appends the last 20,000 characters of the logs to a failed job's message; `job_logs` has them.
+    return message.split(", last available logs")[0].strip() if message else message
+
+
 def _as_dict(d: Any) -> dict[str, Any]:
     meta = dict(d.metadata or {})
     status = str(getattr(d.status, "value", d.status))
@@ -307,7 +312,7 @@ def _as_dict(d: Any) -> dict[str, Any]:
     return {"submission_id": d.submission_id or d.job_id, "status": status, "exit_code": d.driver_exit_code,
             "kind": meta.get("kind"), "name": meta.get("name"), "user": meta.get("user"),
             "config_hash": meta.get("config_hash"), "registry": meta.get("registry"),
-            "output_dir": meta.get("output_dir"), "entrypoint": d.entrypoint, "message": d.message,
+            "output_dir": meta.get("output_dir"), "entrypoint": d.entrypoint, "message": _short(d.message),
             "error_type": d.error_type, "start_time": _ts(d.start_time), "end_time": _ts(d.end_time),
             "duration_s": round((end - d.start_time) / 1000, 1) if d.start_time else None, "metadata": meta}
 
@@ -382,7 +387,7 @@ def describe_outcome(job: dict[str, Any], logs: str = "", tail_lines: int = 30) 
         return f"job {sid} succeeded"
     if status == "STOPPED":
         return f"job {sid} was stopped"
-    msg = (job.get("message") or "").split(", last available logs")[0].strip().splitlines()
+    msg = (_short(job.get("message")) or "").splitlines()
     code = job.get("exit_code")
     lines = [f"job {sid} {status}" + (f" (exit status {code})" if code is not None else "")
              + (f": {msg[0]}" if msg else "")]

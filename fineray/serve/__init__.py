@@ -14,7 +14,7 @@ from typing import Any
 
 from fineray.serve.config import ServeConfig, load_serve_config
 
-__all__ = ["ServeConfig", "load_serve_config", "run_server", "build_app", "generate_offline", "Engine"]
+__all__ = ["Engine", "ServeConfig", "build_app", "generate_offline", "load_serve_config", "run_server"]
 
 _LAZY = {
     "run_server": "fineray.serve.server",

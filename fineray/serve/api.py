@@ -19,15 +19,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from fineray.serve.auth import KeyStore, Principal
-from fineray.serve.config import ServeConfig, load_serve_config, serve_config_from_dict
+from fineray.serve.config import load_serve_config, serve_config_from_dict
 from fineray.serve.metrics import CONTENT_TYPE, EventBuffer, request_event
-from fineray.serve.protocol import (SSE_DONE, APIError, ChatCompletionRequest, CompletionRequest, chat_chunk,
-                                    chat_response, completion_chunk, completion_response, error_body, new_id,
-                                    parse_request, sse, usage)
+from fineray.serve.protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    error_body,
+    new_id,
+    parse_request,
+    sse,
+    usage,
+)
 from fineray.serve.router import ModelCatalog, Target
 from fineray.train.config import ConfigError
 
-__all__ = ["ApiService", "LOOPBACK", "refuse_remote"]
+__all__ = ["LOOPBACK", "ApiService", "refuse_remote"]
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -126,7 +138,7 @@ class ApiService:
         if events:
             try:
                 await self.hub.record.remote(events)
-            except Exception:  # noqa: BLE001 - metrics must never fail a request
+            except Exception:
                 log.warning("metrics hub unreachable; dropped %d events", len(events), exc_info=True)
 
     def _principal(self, request: Request) -> Principal:

@@ -22,6 +22,7 @@ batches silently fall back to one adapter each (still correct).
 # No `from __future__ import annotations` here: FastAPI must see real `Request` annotations on the ingress
 # methods (Serve re-creates them, so string annotations would no longer resolve and become query params).
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -38,8 +39,15 @@ from fineray.serve.config import ServeConfig, load_serve_config, serve_config_fr
 from fineray.serve.metrics import EventBuffer, ServeMetrics
 from fineray.serve.protocol import error_body
 
-__all__ = ["build_app", "build_application", "ModelServer", "OpenAIIngress", "MetricsHub", "APP_NAME",
-           "MODEL_DEPLOYMENT"]
+__all__ = [
+    "APP_NAME",
+    "MODEL_DEPLOYMENT",
+    "MetricsHub",
+    "ModelServer",
+    "OpenAIIngress",
+    "build_app",
+    "build_application",
+]
 
 log = logging.getLogger(__name__)
 APP_NAME = "fineray"
@@ -70,11 +78,9 @@ class _AdapterLease:
         if self.gone:  # Serve calls __del__ on eviction, and Python again at garbage collection
             return
         self.gone = True
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown the engine may be gone
             self.server.engine.unload_adapter(self.key)
             self.server.buffer.add({"event": "evict", **_labels(self.key)})
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 def _labels(ref: str) -> dict[str, str]:
@@ -147,12 +153,12 @@ class ModelServer:
             if events:
                 try:
                     await self.hub.record.remote(events)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.warning("metrics hub unreachable", exc_info=True)
 
     async def _start(self, payload: dict[str, Any], queue: asyncio.Queue) -> tuple[list[Any], dict | None]:
         """Load the adapter, queue one engine request per choice; return (requests, error)."""
-        from fineray.serve.engine import BASE, GenRequest
+        from fineray.serve.engine import BASE, AdapterNotServable, GenRequest
         from fineray.serve.sampling import SamplingParams
         from fineray.train.registry import RegistryError
 
@@ -166,7 +172,9 @@ class ModelServer:
                 self.engine.acquire(key)  # pinned until admitted, so an eviction cannot slip in between
         except RegistryError as e:
             return [], _err(404, str(e), "model_not_found", "invalid_request_error", "model")
-        except Exception as e:  # noqa: BLE001
+        except AdapterNotServable as e:
+            return [], _err(400, str(e), "adapter_not_servable", "invalid_request_error", "model")
+        except Exception as e:
             log.exception("adapter %s failed to load", model_id)
             return [], _err(500, f"adapter `{model_id}` could not be loaded: {e}", "adapter_load_failed")
         loop = asyncio.get_running_loop()
@@ -217,7 +225,7 @@ class ModelServer:
         return {"choices": [{"index": i, "text": "".join(texts[i]), "finish_reason": done[i].finish_reason,
                              "tokens": done[i].tokens} for i in range(len(reqs))]}
 
-    async def stream(self, payload: dict[str, Any]):  # noqa: ANN201 - async generator of chunk lists
+    async def stream(self, payload: dict[str, Any]):
         """Streaming generation: first `[]` once admitted (or `[{error}]`), then lists of text deltas."""
         queue: asyncio.Queue = asyncio.Queue()
         reqs, error = await self._start(payload, queue)
@@ -248,10 +256,8 @@ class ModelServer:
         return {"device": str(self.engine.device), "adapters": self.engine.loaded_adapters()}
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.engine.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 fastapi_app = FastAPI(title="fineray", docs_url=None, redoc_url=None, openapi_url=None)

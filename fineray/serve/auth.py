@@ -22,7 +22,7 @@ from fineray.serve.config import BASE_ALIAS, ApiKeyEntry, ServeConfig
 from fineray.serve.protocol import APIError
 from fineray.train.config import ConfigError
 
-__all__ = ["Principal", "KeyStore", "parse_env_keys", "hash_key", "base_allowed", "ANONYMOUS"]
+__all__ = ["ANONYMOUS", "KeyStore", "Principal", "base_allowed", "hash_key", "parse_env_keys"]
 
 log = logging.getLogger(__name__)
 

@@ -13,22 +13,30 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fineray.train.config import EMBEDDED_MODEL, ConfigError, load_yaml
 from fineray.train.registry import RegistryError, parse_ref, validate_name
 
 __all__ = [
-    "ServeConfig",
+    "BASE_ALIAS",
+    "ApiKeyEntry",
+    "AutoscalingConfig",
     "BatchingConfig",
     "LimitsConfig",
-    "AutoscalingConfig",
-    "ApiKeyEntry",
-    "RolloutVariant",
     "RayConfig",
+    "RolloutVariant",
+    "ServeConfig",
     "load_serve_config",
     "serve_config_from_dict",
-    "BASE_ALIAS",
 ]
 
 BASE_ALIAS = "base"  # `model: base` always names the base model, whatever its spec string is
@@ -83,7 +91,7 @@ class AutoscalingConfig(_Section):
     downscale_delay_s: float = Field(120, ge=0)
 
     @model_validator(mode="after")
-    def _order(self) -> "AutoscalingConfig":
+    def _order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be <= max_replicas")
         return self
@@ -102,7 +110,7 @@ class ApiKeyEntry(_Section):
     adapters: list[str] = ["*"]
 
     @model_validator(mode="after")
-    def _one_secret(self) -> "ApiKeyEntry":
+    def _one_secret(self) -> ApiKeyEntry:
         if (self.key is None) == (self.sha256 is None):
             raise ValueError("give exactly one of `key` or `sha256`")
         return self

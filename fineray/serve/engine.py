@@ -1,7 +1,6 @@
 """The generation engine: one base model, LoRA adapters by name, and a batched decode loop in one thread.
 
-Rows of a batch may use different adapters: PEFT's mixed-adapter forward (`adapter_names=[...]`, with
-`__base__` for the plain base) applies each row's LoRA weights in the same forward pass. With continuous
+Rows of a batch may use different adapters (see `fineray.serve.adapters`). With continuous
 (iteration-level) batching, new requests are prefilled together between decode steps and merged into the
 running batch: the KV caches are left-padded to a common length and concatenated, every row keeps its own
 position ids, and columns that no live row needs are trimmed as rows finish (so the cache never grows past
@@ -16,9 +15,7 @@ deleted when the last of them finishes.
 from __future__ import annotations
 
 import collections
-import hashlib
 import inspect
-import json
 import logging
 import threading
 import time
@@ -31,22 +28,26 @@ from typing import Any
 
 import torch
 
+from fineray.serve.adapters import BASE, AdapterError, AdapterNotServable, LoraAdapters
 from fineray.serve.sampling import RowSampler, SamplingParams, TextTracker, sample_rows
 
-__all__ = ["BASE", "Engine", "EngineError", "AdapterNotServable", "GenEvent", "GenRequest", "Completion",
-           "resolve_device"]
+__all__ = [
+    "BASE",
+    "AdapterError",
+    "AdapterNotServable",
+    "Completion",
+    "Engine",
+    "EngineError",
+    "GenEvent",
+    "GenRequest",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
-
 
 class EngineError(RuntimeError):
-    """A request the engine cannot run (unknown adapter, bad adapter files, engine closed)."""
-
-
-class AdapterNotServable(EngineError):
-    """An adapter this engine cannot batch (PEFT's mixed-adapter forward does not support DoRA)."""
+    """A request the engine cannot run (unknown adapter, engine closed)."""
 
 
 @dataclass
@@ -90,7 +91,7 @@ class _Adapter:
 
 
 class _Row:
-    __slots__ = ("req", "sampler", "tracker", "next_token", "length", "generated", "peft_name", "done")
+    __slots__ = ("done", "generated", "length", "next_token", "peft_name", "req", "sampler", "tracker")
 
     def __init__(self, req: GenRequest, sampler: RowSampler, tracker: TextTracker, peft_name: str):
         self.req, self.sampler, self.tracker, self.peft_name = req, sampler, tracker, peft_name
@@ -133,8 +134,7 @@ class Engine:
         model = load_base_model(mcfg, use_gpu=self.device.type == "cuda", path=path)
         model.to(self.device).eval()
         model.config.use_cache = True  # load_base_model turns it off for training
-        self.model: Any = model
-        self._peft: Any = None
+        self.lora = LoraAdapters(model, self.device, base)
         self.base = base
         self.vocab = model.get_output_embeddings().weight.shape[0]
         # transformers 5.x renames `past_key_values` to `cache` (the old name warns, and goes in 5.40)
@@ -159,10 +159,6 @@ class Engine:
         self._mask: torch.Tensor | None = None
         self._plain_cache = True  # cleared when the model's cache layers cannot be merged/trimmed
         self._prefilling: list[_Row] = []
-        # adapter_names for the LoRA layers, injected by persistent pre-forward hooks (see _hook_lora_layers)
-        self._names: list[str] | None = None
-        self._hooked: set[int] = set()
-        self._active: str | None = None  # adapter the LoRA layers run when no names are injected (BASE: off)
         self._thread = threading.Thread(target=self._loop, name="fineray-engine", daemon=True)
         self._thread.start()
 
@@ -294,63 +290,16 @@ class Engine:
         if key in self._adapters:
             self._adapters[key].evict = False
             return
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise EngineError(f"adapter {key!r}: {path} has no adapter_config.json")
-        try:
-            use_dora = json.loads((Path(path) / "adapter_config.json").read_text()).get("use_dora", False)
-        except ValueError as e:
-            raise EngineError(f"adapter {key!r}: unreadable adapter_config.json ({e})") from None
-        if use_dora:
-            raise AdapterNotServable(
-                f"adapter {key!r} is a DoRA adapter, which PEFT cannot mix with other adapters in one batch; "
-                "merge it into its base with `fineray export` and serve the merged model as the base")
-        name = "a" + hashlib.sha256(key.encode()).hexdigest()[:16]  # PEFT names become module keys: no dots
-        try:
-            if self._peft is None:
-                from peft import PeftModel
-
-                self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-                self._peft.eval()
-            else:
-                self._peft.load_adapter(path, adapter_name=name)
-        except Exception as e:  # noqa: BLE001 - PEFT raises many types for bad adapter files
-            raise EngineError(f"adapter {key!r} cannot be loaded on base {self.base!r}: {e}") from e
-        self._peft.to(self.device)
-        self._hook_lora_layers()
-        self._active = None
+        name = self.lora.load(key, path)
         with self._cv:
             self._adapters[key] = _Adapter(name, path)
-
-    def _hook_lora_layers(self) -> None:
-        """Give every LoRA layer a persistent hook that passes this step's `adapter_names`.
-
-        PEFT's `model(..., adapter_names=...)` walks every module twice per forward pass to add and remove
-        such hooks; at one forward pass per generated token that walk costs more than a small model's maths.
-        """
-        from peft.tuners.lora import LoraLayer
-
-        try:
-            from peft.utils.other import AuxiliaryTrainingWrapper
-        except ImportError:  # older PEFT
-            AuxiliaryTrainingWrapper = LoraLayer  # noqa: N806
-        for module in self._peft.modules():
-            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)) and id(module) not in self._hooked:
-                module.register_forward_pre_hook(self._inject_names, with_kwargs=True)
-                self._hooked.add(id(module))
-
-    def _inject_names(self, module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        if self._names is None:
-            return None
-        kwargs["adapter_names"] = self._names
-        return args, kwargs
 
     def _collect_adapters(self) -> None:
         with self._cv:
             gone = [k for k, v in self._adapters.items() if v.evict and v.refs <= 0]
             for k in gone:
                 st = self._adapters.pop(k)
-                self._peft.delete_adapter(st.peft_name)
-                self._active = None  # PEFT may have switched the active adapter
+                self.lora.delete(st.peft_name)
         if gone:
             log.info("unloaded adapters %s", gone)
 
@@ -389,7 +338,7 @@ class Engine:
                         self._prefill(new)
                     if self._rows:
                         self._step()
-            except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+            except Exception as e:
                 log.exception("generation failed")
                 for row in self._rows + self._prefilling:
                     if not row.done:
@@ -404,43 +353,16 @@ class Engine:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
                  rows: list[_Row], kind: str) -> torch.Tensor:
         t0 = time.perf_counter()
-        model = self.model
-        if self._peft is not None:
-            model = self._peft
-            self._select(rows)
+        self.lora.select([r.peft_name for r in rows])
         try:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                        **{self._cache_kw: cache})
+            out = self.lora.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                  logits_to_keep=1, **{self._cache_kw: cache})
         finally:
-            self._names = None
+            self.lora.done()
         logits = out.logits[:, -1, :]
         if self.on_step is not None:
             self.on_step(kind, len(rows), len({r.req.adapter for r in rows}), time.perf_counter() - t0)
         return logits
-
-    def _select(self, rows: list[_Row]) -> None:
-        """Route rows to their adapters: per-row names when mixed, else PEFT's own (faster) single-adapter path.
-
-        PEFT's mixed-batch forward gathers and scatters each adapter's rows in every LoRA layer; a batch with one
-        adapter (or only the base) skips that, at the cost of one module walk when the active adapter changes.
-        """
-        names = {r.peft_name for r in rows}
-        if len(names) > 1:
-            want = "__mixed__"
-            self._names = [r.peft_name for r in rows]
-        else:
-            want = names.pop()
-            self._names = None
-        if want == self._active or (want == "__mixed__" and self._active not in (None, BASE)):
-            return
-        lora = self._peft.base_model
-        if want == BASE:
-            lora.disable_adapter_layers()
-        else:
-            lora.enable_adapter_layers()
-            if want != "__mixed__":
-                lora.set_adapter(want)
-        self._active = want
 
     def _new_row(self, req: GenRequest) -> _Row:
         peft_name = BASE if req.adapter == BASE else self._adapters[req.adapter].peft_name
@@ -535,7 +457,7 @@ class Engine:
     def _finish_req(self, req: GenRequest, ev: GenEvent) -> None:
         try:
             req.emit(ev)
-        except Exception:  # noqa: BLE001 - a consumer that went away must not stop the loop
+        except Exception:
             log.debug("emit failed", exc_info=True)
         self.release(req.adapter)
 

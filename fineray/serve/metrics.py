@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-__all__ = ["ServeMetrics", "EventBuffer", "CONTENT_TYPE", "request_event"]
+__all__ = ["CONTENT_TYPE", "EventBuffer", "ServeMetrics", "request_event"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

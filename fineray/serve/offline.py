@@ -10,6 +10,7 @@ with the same batched engine as the server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,7 +22,7 @@ import numpy as np
 from fineray.serve.config import BASE_ALIAS
 from fineray.train.config import EMBEDDED_MODEL
 
-__all__ = ["generate_offline", "BatchGenerator"]
+__all__ = ["BatchGenerator", "generate_offline"]
 
 _OVERRIDES = ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 
@@ -58,10 +59,11 @@ class BatchGenerator:
         for i, line in enumerate(lines):
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("each line must be a JSON object")
             except ValueError as e:
                 out[i] = json.dumps({"input": str(line)[:200], "error": f"invalid JSON: {e}"})
+                continue
+            if not isinstance(rec, dict):
+                out[i] = json.dumps({"input": rec, "error": "each line must be a JSON object"})
                 continue
             try:
                 ids = self._prompt(rec)
@@ -84,10 +86,8 @@ class BatchGenerator:
         return {"text": np.array(out, dtype=object)}
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.engine.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def generate_offline(model_ref: str | None, input_path: str | Path, output_path: str | Path,

@@ -16,19 +16,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
-    "APIError",
-    "ChatMessage",
-    "ChatCompletionRequest",
-    "CompletionRequest",
-    "parse_request",
-    "error_body",
-    "sse",
     "SSE_DONE",
-    "new_id",
-    "chat_response",
+    "APIError",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
     "chat_chunk",
-    "completion_response",
+    "chat_response",
     "completion_chunk",
+    "completion_response",
+    "error_body",
+    "new_id",
+    "parse_request",
+    "sse",
     "usage",
 ]
 
@@ -109,7 +109,7 @@ class _Sampling(_Req):
     service_tier: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "_Sampling":
+    def _check(self) -> _Sampling:
         if isinstance(self.stop, list):
             if len(self.stop) > 4:
                 raise _param("stop", "at most 4 stop sequences")
@@ -146,7 +146,7 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "ChatCompletionRequest":
+    def _unsupported(self) -> ChatCompletionRequest:
         if self.logprobs or self.top_logprobs:
             raise _param("logprobs", "logprobs are not supported by this server")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
@@ -173,7 +173,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
+    def _unsupported(self) -> CompletionRequest:
         if self.suffix:
             raise _param("suffix", "suffix is not supported by this server")
         if self.logprobs:

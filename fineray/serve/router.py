@@ -23,7 +23,7 @@ from fineray.serve.config import BASE_ALIAS, RolloutVariant
 from fineray.serve.protocol import APIError
 from fineray.train.registry import AdapterRegistry, AdapterVersion, RegistryError, parse_ref
 
-__all__ = ["Target", "pick_variant", "user_bucket", "ModelCatalog", "same_base"]
+__all__ = ["ModelCatalog", "Target", "pick_variant", "same_base", "user_bucket"]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SamplingParams", "RowSampler", "TextTracker", "sample_rows"]
+__all__ = ["RowSampler", "SamplingParams", "TextTracker", "sample_rows"]
 
 
 @dataclass
@@ -29,7 +29,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 

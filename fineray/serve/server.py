@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Self
 
 from fineray.serve.config import ServeConfig
 
-__all__ = ["run_server", "ServerHandle", "bind_host"]
+__all__ = ["ServerHandle", "bind_host", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ class ServerHandle:
             if self.started_ray:
                 ray.shutdown()
 
-    def __enter__(self) -> "ServerHandle":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
 
@@ -113,6 +114,10 @@ def run_server(cfg: ServeConfig, *, blocking: bool = True, ready_timeout_s: floa
     log.info("fineray serving %s (base %s, registry %s) on %s", APP_NAME, cfg.base, cfg.registry, handle.url)
     if not blocking:
         return handle
+    for note in handle.notes:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    print(f"fineray serve: {handle.url}/v1 (base {cfg.base}, registry {cfg.registry}); Ctrl-C stops",
+          file=sys.stderr, flush=True)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -7,6 +7,8 @@ in `LIVE`, so a restored Tuner's callback talks to the current driver's progress
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from typing import Any
 
 import ray.tune
@@ -14,7 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 __all__ = ["LIVE", "SweepCallback", "Searcher", "trial_dirname", "trial_record"]
 
-# sweep id -> object with `finished(record)` and `retrying(trial_id, attempt)` (see sweep._Reporter).
+# sweep id -> object with `finished(record)`, `retrying(trial_id, failures)` and `tick()` (sweep._Reporter).
 LIVE: dict[str, Any] = {}
 
 
@@ -37,6 +39,12 @@ class Searcher(OptunaSearch):
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 return
         super().on_trial_result(trial_id, result)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Atomic version of OptunaSearch.save (which truncates the file in place while Tune may copy it)."""
+        tmp = os.path.join(os.path.dirname(checkpoint_path) or ".", f".{uuid.uuid4().hex}.tmp")
+        super().save(tmp)
+        os.replace(tmp, checkpoint_path)
 
 
 def trial_record(trial: Any, failed: bool = False) -> dict[str, Any]:
@@ -73,6 +81,10 @@ class SweepCallback(ray.tune.Callback):
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if (live := self._live()) is not None:
             live.finished(trial_record(trial, failed=True))
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if (live := self._live()) is not None:
+            live.tick()
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if (live := self._live()) is not None:

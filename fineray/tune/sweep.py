@@ -31,6 +31,7 @@ from fineray.cluster import storage
 from fineray.train.config import ConfigError, RunConfig, validate_config
 from fineray.tune.config import (TRAINING_METRICS, Distribution, TuneConfig, base_point, parse_tune_config,
                                  validate_search_space)
+from fineray.tune.state import StateDamaged, repair, snapshot
 from fineray.tune.report import (SweepResult, pick_best, register_best, trial_records, write_best_config,
                                  write_plots)
 
@@ -147,6 +148,7 @@ class _Reporter:
         self.sweep_uri, self.local, self.tcfg, self.progress = sweep_uri, local, tcfg, progress
         self.done = done
         self._bar: Any = None
+        self._next_snapshot = 0.0
 
     def __enter__(self) -> "_Reporter":
         if self.progress:
@@ -184,6 +186,17 @@ class _Reporter:
         self._bar.console.print(f"trial {self.done}/{self.tcfg.num_samples} {rec['trial_id']}: {what}  {params}",
                                 highlight=False)
         self._bar.update(self._task, completed=self.done)
+
+    def tick(self) -> None:
+        """Called at every Tune controller step: snapshot Tune's state when it loads cleanly (see state.py)."""
+        now = time.monotonic()
+        if now < self._next_snapshot:
+            return
+        self._next_snapshot = now + (10.0 if storage.is_remote(self.sweep_uri) else 3.0)
+        try:
+            snapshot(self.sweep_uri)
+        except Exception as e:  # noqa: BLE001 - a missed snapshot only matters if the driver dies right now
+            log.debug("tune state snapshot failed: %s", e)
 
     def retrying(self, trial_id: str, failures: int) -> None:
         if self._bar is not None:
@@ -325,9 +338,13 @@ def _finish(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sw
                          metrics=tcfg.metrics, modes=tcfg.modes, trials=records, best=best, pareto=front,
                          errors=[{"trial_id": r["trial_id"], "params": r["params"], "error": r["error"]}
                                  for r in records if r["status"] == "ERROR"], wall_s=round(wall, 1))
+    fs, path = storage.open_fs(sweep_uri)
+    prev = json.loads(storage.read_bytes(fs, f"{path}/results.json")) if storage.exists(fs, f"{path}/results.json") else {}
     if best:
         result.best_config_path = write_best_config(base, best, name, local / "best_config.yaml", tcfg.metrics)
-        if tcfg.register_adapter and cfg.output.register_adapter:
+        if (prev.get("best") or {}).get("trial_id") == best["trial_id"] and prev.get("registry_ref"):
+            result.registry_ref = prev["registry_ref"]  # resuming a finished sweep: registered already
+        elif tcfg.register_adapter and cfg.output.register_adapter:
             result.registry_ref = register_best(base, tcfg, best, sweep_uri, name)
     if tcfg.plots:
         try:
@@ -337,7 +354,6 @@ def _finish(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sw
     summary = {k: v for k, v in result.__dict__.items()}
     (local / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     if storage.is_remote(sweep_uri):
-        fs, path = storage.open_fs(sweep_uri)
         for f in [local / "results.json", result.best_config_path, *result.plots]:
             if f is not None:
                 storage.atomic_write_bytes(fs, f"{path}/{f.name}", f.read_bytes())
@@ -377,6 +393,10 @@ def resume_sweep(run_dir: str | Path, *, progress: bool = True) -> SweepResult:
         raise SweepError(f"{uri} is not a sweep folder (no sweep.json)")
     from ray import tune
 
+    try:
+        repair(uri)
+    except StateDamaged as e:
+        raise SweepError(str(e)) from None
     if not tune.Tuner.can_restore(storage.join(uri, "tune")):
         raise SweepError(f"{uri}/tune holds no restorable Tune state (the sweep died before its first save); "
                          "start it again with `fineray tune`")

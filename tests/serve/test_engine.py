@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fineray.serve.engine import BASE, Engine, EngineError, GenEvent, GenRequest
+from fineray.serve.engine import BASE, AdapterNotServable, Engine, EngineError, GenEvent, GenRequest
 from fineray.serve.sampling import SamplingParams, TextTracker
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -154,3 +154,19 @@ def test_text_tracker_holds_back_possible_stop_prefixes(tiny_tok):
     # Assert: nothing of "world," is ever sent, and the text ends before it
     assert stopped
     assert "".join(deltas) == "hello "
+
+
+def test_dora_adapters_are_refused_with_a_reason(engine, tmp_path):
+    # Prepare: a DoRA adapter (PEFT cannot put DoRA rows into a mixed-adapter batch)
+    from peft import LoraConfig, get_peft_model
+
+    from fineray.train.config import ModelConfig
+    from fineray.train.model import load_base_model
+
+    model = get_peft_model(load_base_model(ModelConfig(base="tiny:llama")),
+                           LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "dora")
+    # Execute / Assert
+    with pytest.raises(AdapterNotServable, match="DoRA"):
+        engine.load_adapter("dora@v1", tmp_path / "dora")
+    assert "dora@v1" not in engine.loaded_adapters()

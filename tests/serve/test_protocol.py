@@ -6,8 +6,17 @@ import json
 
 import pytest
 
-from fineray.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_chunk, chat_response,
-                                    completion_response, parse_request, sse, usage)
+from fineray.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_response,
+    parse_request,
+    sse,
+    usage,
+)
 
 MSG = [{"role": "user", "content": "hi"}]
 

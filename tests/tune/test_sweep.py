@@ -65,6 +65,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from ray.tune import ExperimentAnalysis
 
     from fineray.tune import resume_sweep
+    from fineray.tune.state import repair
 
     root = tmp_path_factory.mktemp("sweep")
     cfg = {**SWEEP, "output": {"dir": str(root / "runs"), "registry": str(root / "adapters"), "name": "sw"}}
@@ -81,11 +82,12 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             assert proc.poll() is None, (root / "driver.log").read_text()[-3000:]
             assert time.time() < deadline, "no trial finished in time"
             time.sleep(0.5)
-        time.sleep(2.5)  # > TUNE_GLOBAL_CHECKPOINT_S: the finished trial is in Tune's saved state
+        time.sleep(5)  # > Tune's save period (1 s) and the driver's snapshot period (3 s)
     finally:
         _kill_group(proc)
         log.close()
     killed_at = time.time()
+    repaired = repair(str(sweep_dir))  # what resume_sweep does first (a kill can truncate Tune's files)
     saved = ExperimentAnalysis(str(sweep_dir / "tune"))
     finished_before = {t.trial_id for t in saved.trials if t.status == "TERMINATED"}
     assert finished_before, "the kill came before Tune saved a finished trial"
@@ -93,7 +95,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = resume_sweep(sweep_dir, progress=False)
     return {"result": result, "finished_before": finished_before, "killed_at": killed_at, "dir": sweep_dir,
-            "root": root, "resume_s": time.perf_counter() - t0}
+            "root": root, "resume_s": time.perf_counter() - t0, "repaired": repaired}
 
 
 def test_resume_finishes_without_rerunning_finished_trials(sweep: dict[str, Any]) -> None:
