@@ -2,7 +2,8 @@
 
 Each run is fineray's real path: `launcher.make_trainer` (Ray Train TorchTrainer, one worker per GPU)
 running `loop.ray_worker_entry`. Resume runs restart from the first checkpoint of the first run with
-`resume_from_checkpoint` and must give the same losses for the steps after it.
+the `resume_from` folder passed through train_loop_config (Ray Train V2 has no
+resume_from_checkpoint) and must give the same losses for the steps after it.
 
 Runs (`--runs`, comma-separated):
   ddp1, ddp2      LoRA r=16 (all linear), 1 and 2 workers, the GPU fast path, same per-worker batch:
@@ -83,8 +84,9 @@ def fit(cfg: Any, storage: Path, resume: Any = None) -> Any:
     if resume is None:
         return make_trainer(cfg, storage, storage_path=str(storage)).fit()
     sc = cfg.scaling
-    return TorchTrainer(  # make_trainer's arguments, plus resume_from_checkpoint, under a fresh run name
-        ray_worker_entry, train_loop_config={"run": cfg.to_dict(), "adapter_path": None, "progress_board": None},
+    return TorchTrainer(  # make_trainer's arguments plus the checkpoint to resume from, under a fresh run name
+        ray_worker_entry, train_loop_config={"run": cfg.to_dict(), "adapter_path": None, "progress_board": None,
+                                             "resume_from": resume.path},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=None if sc.use_gpu else {"CPU": 1}),

@@ -200,6 +200,126 @@ def adapters_rm(ref: str, registry: str = typer.Option("adapters"),
     console.print("removed " + ", ".join(v.ref for v in removed))
 
 
+# ---------------------------------------------------------------------------------------------- submit / jobs
+# Draft for fineray/cli.py (uses the module's app, jobs_app, console, err, _fail, _load, _fmt).
+_ADDRESS_HELP = "Ray dashboard URL, e.g. http://ray-head:8265 (default: $RAY_ADDRESS)."
+_TOKEN_HELP = "Ray auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."
+
+
+def _env_pairs(items: Optional[list[str]]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            _fail(f"--env {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+@app.command()
+def submit(config: Path = typer.Argument(..., help="Run config YAML."),
+           overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
+           address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+           kind: str = typer.Option("train", "--kind", help="train | tune | federated"),
+           wait: bool = typer.Option(False, "--wait", help="Follow the logs; exit with the job's status."),
+           storage: Optional[str] = typer.Option(None, "--storage",
+                                                 help="Base for relative output.dir/output.registry (s3://..., gs://..., shared path)."),
+           ship_code: bool = typer.Option(True, "--ship-code/--no-ship-code",
+                                          help="Ship this fineray package with the job (off: use the cluster's)."),
+           ship_data: Optional[bool] = typer.Option(None, "--ship-data/--no-ship-data",
+                                                    help="Upload local data files with the job (default: remote clusters only)."),
+           env: Optional[list[str]] = typer.Option(None, "--env", help="KEY=VALUE for the job (repeatable)."),
+           token: Optional[str] = typer.Option(None, "--token", help=_TOKEN_HELP)) -> None:
+    """Submit a fineray run to a Ray cluster (Ray Jobs API)."""
+    overrides = list(overrides or [])
+    cfg = _load(config, overrides)
+    from fineray.cluster.jobs import JobError, submit_run, wait_for_job
+
+    try:
+        sub = submit_run(cfg, kind, address, overrides=overrides, ship_code=ship_code, token=token,
+                         storage=storage, ship_data=ship_data, env=_env_pairs(env))
+    except JobError as e:
+        _fail(str(e), 1)
+    for note in sub.notes:
+        console.print(f"[dim]{note}[/]", highlight=False)
+    console.print(f"submitted [bold]{sub.submission_id}[/] to {sub.address}", highlight=False)
+    console.print(f"  run dir  {sub.output_dir}/{sub.name}\n  adapter  {sub.registry} (name {sub.name})",
+                  highlight=False)
+    if not wait:
+        console.print(f"  follow   fineray jobs logs {sub.submission_id} --follow --address {sub.address}",
+                      highlight=False)
+        return
+    try:
+        code = wait_for_job(sub.address, sub.submission_id, token=token)
+    except JobError as e:
+        _fail(str(e), 1)
+    raise typer.Exit(code)
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+              all_jobs: bool = typer.Option(False, "--all", help="Also jobs not submitted by fineray."),
+              token: Optional[str] = typer.Option(None, "--token", help=_TOKEN_HELP)) -> None:
+    """Jobs on the cluster, oldest first."""
+    from fineray.cluster.jobs import JobError, list_jobs
+
+    try:
+        rows = list_jobs(address, token, fineray_only=not all_jobs)
+    except JobError as e:
+        _fail(str(e), 1)
+    t = Table(title="jobs")
+    for col in ("submission id", "status", "kind", "name", "user", "started", "duration_s", "exit"):
+        t.add_column(col)
+    for j in rows:
+        t.add_row(j["submission_id"], j["status"], _fmt(j["kind"]), _fmt(j["name"]), _fmt(j["user"]),
+                  _fmt(j["start_time"]), _fmt(j["duration_s"]), _fmt(j["exit_code"]))
+    console.print(t)
+
+
+@jobs_app.command("status")
+def jobs_status(job: str = typer.Argument(..., help="Submission id."),
+                address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+                token: Optional[str] = typer.Option(None, "--token", help=_TOKEN_HELP)) -> None:
+    """One job's status, exit code, outputs and metadata (JSON)."""
+    from fineray.cluster.jobs import JobError, job_status
+
+    try:
+        info = job_status(address, job, token)
+    except JobError as e:
+        _fail(str(e), 1)
+    console.print_json(json.dumps(info, default=str))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job: str = typer.Argument(..., help="Submission id."),
+              follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
+              address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+              token: Optional[str] = typer.Option(None, "--token", help=_TOKEN_HELP)) -> None:
+    """A job's driver logs (stdout/stderr of `fineray <kind>` on the cluster)."""
+    from fineray.cluster.jobs import JobError, job_logs
+
+    try:  # plain stdout, not rich: logs contain [brackets] that rich would read as markup
+        job_logs(address, job, follow=follow, out=sys.stdout, token=token)
+    except JobError as e:
+        _fail(str(e), 1)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job: str = typer.Argument(..., help="Submission id."),
+              address: Optional[str] = typer.Option(None, "--address", help=_ADDRESS_HELP),
+              token: Optional[str] = typer.Option(None, "--token", help=_TOKEN_HELP)) -> None:
+    """Stop a running job (SIGTERM, then SIGKILL after Ray's grace period)."""
+    from fineray.cluster.jobs import JobError, stop_job
+
+    try:
+        status = stop_job(address, job, token=token)
+    except JobError as e:
+        _fail(str(e), 1)
+    console.print(f"job {job}: {status}", highlight=False)
+    if status not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------------------------- k8s
 @k8s_app.command("render")
 def k8s_render(config: Path = typer.Argument(..., help="Run config YAML."),

@@ -83,8 +83,13 @@ def evaluate_loss(model: torch.nn.Module, data: list[Tokenized], session: Sessio
     return loss_sum / max(tokens, 1)
 
 
-def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None) -> LoopState:
-    """Fine-tune per `cfg` on this worker; returns the final loop state."""
+def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None,
+               resume_from: str | None = None) -> LoopState:
+    """Fine-tune per `cfg` on this worker; returns the final loop state.
+
+    `resume_from` is a checkpoint folder to start from when the session has none of its own (Ray Train V2
+    dropped `resume_from_checkpoint`; the launcher passes the folder through `train_loop_config`).
+    """
     # ---------------------------------------------------------------- setup
     tcfg = cfg.train
     if tcfg.threads_per_worker:
@@ -115,7 +120,7 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     ckpt_every = tcfg.checkpoint_every or eval_every
 
     state = LoopState()
-    ckpt = session.get_checkpoint()
+    ckpt = session.get_checkpoint() or resume_from
     if ckpt:
         state = strategy.load(ckpt, model, optimizer, scheduler)
     static = {"trainable_params": trainable, "total_params": total_params, "world_size": world,
@@ -222,4 +227,5 @@ def ray_worker_entry(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, cpus))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_ray_train_reports()
-    train_loop(cfg, RaySession(config.get("progress_board")), adapter_path=config.get("adapter_path"))
+    train_loop(cfg, RaySession(config.get("progress_board")), adapter_path=config.get("adapter_path"),
+               resume_from=config.get("resume_from"))

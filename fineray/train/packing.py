@@ -124,8 +124,11 @@ def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         else:
             k, v = _repeat_kv(k, h // hk), _repeat_kv(v, h // hk)
     cu, max_len = kwargs["cu_seq_lens_q"], int(kwargs["max_length_q"])
+    dtype = q.dtype
+    if dtype not in (torch.bfloat16, torch.float16):  # flash kernels are half-precision only (QLoRA's fp32
+        q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)  # norms give fp32 q/k/v)
     out = fn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal, **extra)
-    return out.view(b, t, h, d), None
+    return out.to(dtype).view(b, t, h, d), None
 
 
 def _sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -107,12 +107,13 @@ def _ray_fit(cfg, storage: Path, resume=None):
 
     from fineray.train.loop import ray_worker_entry
 
+    # Ray Train V2 refuses resume_from_checkpoint: the loop takes the folder through its config instead.
     return TorchTrainer(
-        ray_worker_entry, train_loop_config={"run": cfg.to_dict()}, torch_config=TorchConfig(backend="gloo"),
+        ray_worker_entry, train_loop_config={"run": cfg.to_dict(), "resume_from": resume and resume.path},
+        torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="resume" if resume else "ray", storage_path=str(storage),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        resume_from_checkpoint=resume).fit()
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))).fit()
 
 
 def _history(result):
