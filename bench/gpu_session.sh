@@ -54,13 +54,38 @@ if [ "$part" = one ]; then
   watch "$OUT"/base.log "$OUT"/fineray.log
   wait
   summary
-elif [ "$part" = two ]; then
-  timeout 500 python3 bench/gpu_strategies.py --shape 1b --runs ddp1,ddp2,zero3,fsdp --steps 30 --warmup 10 \
-    --batch 16 --full-batch 8 --ckpt 3 --out "$OUT"/strategies.jsonl --workdir /tmp/strat --deadline-s 380 \
-    > "$OUT"/strategies.log 2>&1 &
+elif [ "$part" = two ]; then  # Ray Train on 2 GPUs first; then, in the time left, QLoRA and 8B batch-4 re-runs
+  budget=${2:-560}
+  timeout $(( budget - 80 )) python3 bench/gpu_strategies.py --shape 1b --runs ddp1,ddp2,zero3,fsdp --steps 24 \
+    --warmup 8 --batch 16 --full-batch 8 --ckpt 2 --out "$OUT"/strategies.jsonl --workdir /tmp/strat \
+    --deadline-s $(( budget - 260 )) > "$OUT"/strategies.log 2>&1 &
   watch "$OUT"/strategies.log
   wait
-  grep -h -E "^(RESULT|SCALING|SKIP)" "$OUT"/strategies.log | cut -c1-1500
+  grep -h -E "^(RESULT|SCALING|SKIP)" "$OUT"/strategies.log | cut -c1-1200
+  left=$(( budget - 25 - $(date +%s) + t0 ))
+  echo "time left for the 1-GPU re-runs: ${left}s"
+  if [ $left -gt 90 ]; then
+    (CUDA_VISIBLE_DEVICES=0 timeout $left python3 bench/train_throughput.py --side baseline --cases 8b-real4-long \
+       --out "$OUT"/base.jsonl > "$OUT"/base.log 2>&1) &
+    (CUDA_VISIBLE_DEVICES=1 timeout $left python3 bench/train_throughput.py --side fineray \
+       --cases 8b-qlora-real8,8b-real4-long,8b-qlora-full4 --out "$OUT"/fineray.jsonl > "$OUT"/fineray.log 2>&1) &
+    watch "$OUT"/base.log "$OUT"/fineray.log
+    wait
+    summary
+  fi
+elif [ "$part" = three ]; then  # 8B realistic batch 4 over 30 steps (allocator variants), QLoRA vs LoRA
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 200 python3 bench/train_throughput.py --side baseline --cases 8b-real4-long --out "$OUT"/base.jsonl
+   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 200 python3 bench/train_throughput.py --side baseline \
+     --cases 8b-real4-long --tag expseg --out "$OUT"/base.jsonl) > "$OUT"/base.log 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout 150 python3 bench/train_throughput.py --side fineray --cases 8b-real4-long --tag noexpseg \
+     --set train.fast.expandable_segments=false --out "$OUT"/fineray.jsonl
+   timeout 260 python3 bench/train_throughput.py --side fineray --cases 8b-real4-long,8b-qlora-real8,8b-qlora-full4 \
+     --out "$OUT"/fineray.jsonl) > "$OUT"/fineray.log 2>&1 &
+  watch "$OUT"/base.log "$OUT"/fineray.log
+  wait
+  summary
 else
   fr=${2:-}; bl=${3:-}
   [ -n "$bl" ] && (CUDA_VISIBLE_DEVICES=0 timeout 400 python3 bench/train_throughput.py --side baseline --cases "$bl" \

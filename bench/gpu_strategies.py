@@ -1,9 +1,9 @@
 """Sharded and multi-GPU training through Ray Train: DDP scaling, FSDP and ZeRO-3 with resume.
 
 Each run is fineray's real path: `launcher.make_trainer` (Ray Train TorchTrainer, one worker per GPU)
-running `loop.ray_worker_entry`. Resume runs restart from the first checkpoint of the first run with
-the `resume_from` folder passed through train_loop_config (Ray Train V2 has no
-resume_from_checkpoint) and must give the same losses for the steps after it.
+running `loop.ray_worker_entry`. Resume runs restart from the first checkpoint of the first run (its
+folder passed as `resume_from` in train_loop_config: Ray Train V2 refuses resume_from_checkpoint) and must
+give the same losses for the steps after it.
 
 Runs (`--runs`, comma-separated):
   ddp1, ddp2      LoRA r=16 (all linear), 1 and 2 workers, the GPU fast path, same per-worker batch:
@@ -61,7 +61,8 @@ def build_1b(out: Path) -> str:
 def run_config(base: str, run: str, gpu: bool, args: argparse.Namespace) -> list[str]:
     common = [f"model.base={base}", "data.validation=null", "eval.enabled=false", "train.log_every=1",
               "train.eval_every=1000000", "train.scheduler=constant", "train.warmup_ratio=0",
-              "data.max_seq_len=1024", f"scaling.use_gpu={str(gpu).lower()}", "output.register_adapter=false"]
+              "data.max_seq_len=1024", f"scaling.use_gpu={str(gpu).lower()}", "output.register_adapter=false",
+              "train.fast.expandable_segments=false"]
     if run.startswith("ddp"):
         return common + ["method=lora", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
                          f"train.batch_size={args.batch}", f"train.max_steps={args.steps}",
@@ -91,8 +92,7 @@ def fit(cfg: Any, storage: Path, resume: Any = None) -> Any:
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=None if sc.use_gpu else {"CPU": 1}),
         run_config=ray.train.RunConfig(name="resume", storage_path=str(storage),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        resume_from_checkpoint=resume).fit()
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))).fit()
 
 
 def history(result: Any) -> list[dict[str, Any]]:

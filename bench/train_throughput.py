@@ -78,6 +78,7 @@ CASES = {
     "1b-full8": Case("1b", 8, "full"),
     "8b-real8-nocompile": Case("8b", 8, "realistic", compile=False, steps=8, warmup=2),
     "8b-real4": Case("8b", 4, "realistic"),
+    "8b-real4-long": Case("8b", 4, "realistic", steps=30),
     "8b-real8": Case("8b", 8, "realistic"),
     "8b-full4": Case("8b", 4, "full", steps=10),
     "8b-qlora-real8": Case("8b", 8, "realistic", method="qlora", optimizer="paged_adamw_8bit"),
@@ -286,7 +287,13 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
             torch.cuda.empty_cache()
         base = build_model(case.shape, device, case.method)
         _MODELS[key] = apply_peft(base, case.method, cfg.lora)
+        _MODELS[key]._fineray_init = {n: p.detach().clone() for n, p in _MODELS[key].named_parameters()
+                                      if p.requires_grad}
     model = _MODELS[key]
+    with torch.no_grad():  # every case starts from the same LoRA initialisation
+        for n, p in model.named_parameters():
+            if n in model._fineray_init:
+                p.copy_(model._fineray_init[n])
     if not case.compile:
         for mod in model.modules():
             if getattr(mod, "_compiled_call_impl", None) is not None:
@@ -333,8 +340,10 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
 def table(rows: list[dict[str, Any]]) -> str:
     by: dict[str, dict[str, dict[str, Any]]] = {}
     for r in [r for r in rows if "error" not in r]:
-        key = r["case"].replace("-nocompile", "")
-        by.setdefault(key, {})[r["side"] + ("-nocompile" if "nocompile" in r["case"] else "")] = r
+        name, _, tag = r["case"].partition("+")
+        key = name.replace("-nocompile", "")
+        side = r["side"] + ("-nocompile" if "nocompile" in name else "") + (f"+{tag}" if tag else "")
+        by.setdefault(key, {})[side] = r
     lines = ["| case | side | tok/s (useful) | MFU | peak alloc GiB | tokens/step | ratio tok/s | ratio mem |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, sides in by.items():
@@ -357,6 +366,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append one JSON line per case here")
     ap.add_argument("--table", nargs="*", default=None, help="print the table of these JSONL files and exit")
     ap.add_argument("--set", nargs="*", default=[], help="extra fineray config overrides")
+    ap.add_argument("--tag", default="", help="a label appended to the case names of this run (+TAG)")
     a = ap.parse_args()
     if a.table is not None:
         rows = [json.loads(x) for f in a.table if Path(f).exists() for x in Path(f).read_text().splitlines()
@@ -383,6 +393,9 @@ def main() -> None:
                 if a.device == "cuda":
                     torch.cuda.empty_cache()
             r["wall_s"] = time.perf_counter() - t0
+            if a.tag:
+                r["case"] = f"{name}+{a.tag}"
+            r["env_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
             print("RESULT " + json.dumps(r, default=float), flush=True)
             if a.out:
                 with open(a.out, "a") as f:

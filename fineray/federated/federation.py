@@ -174,8 +174,11 @@ class Federation:
         with self._lock:
             if not self.residual:
                 return None
-            blob = pack_tensors(ad.residual_to_tensors(self.residual), {"version": self.round})
-            return blob, sha256_bytes(blob)
+            key = f"{self.round}:residual"
+            if key not in self._blobs:
+                blob = pack_tensors(ad.residual_to_tensors(self.residual), {"version": self.round})
+                self._blobs[key] = (blob, sha256_bytes(blob))
+            return self._blobs[key]
 
     def train_task(self, silo: str) -> dict[str, Any]:
         """What a participant needs to train round ``current.round`` (JSON-able)."""

@@ -51,9 +51,26 @@ from fineray.federated.silo import evaluate_adapter
 from fineray.federated.wire import MAX_BODY_BYTES
 from fineray.train.config import ConfigError, RunConfig
 
-__all__ = ["Coordinator", "run_coordinator", "shared_settings"]
+__all__ = ["Coordinator", "load_tokens", "run_coordinator", "shared_settings"]
 
 log = logging.getLogger(__name__)
+
+
+def load_tokens(path: str | Path) -> dict[str, str]:
+    """Per-silo tokens from a JSON or YAML file ``{silo name: token}`` (keep it readable by the operator only).
+
+    Raises:
+        ConfigError: Missing file, or not a mapping of non-empty strings.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"tokens file not found: {p}")
+    data = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()):
+        raise ConfigError(f"{p}: expected a mapping of silo name -> non-empty token string")
+    return dict(data)
 
 
 def shared_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -194,6 +211,7 @@ def _make_handler(coord: Coordinator, tokens: dict[str, str] | None, mtls: bool)
                     raise SubmitError(401, "unknown silo or wrong token")
             if name not in fed.silo_ids:
                 raise SubmitError(403, f"{name!r} is not a silo of this federation")
+            fed.last_seen[name] = time.monotonic()  # any authenticated request counts as "online"
             return name
 
         def _route(self, method: str) -> None:

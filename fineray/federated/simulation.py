@@ -139,6 +139,7 @@ def _train_round(fed: Federation, silos: _Silos, fcfg: FederatedConfig) -> dict[
             fed.submit_update(silo, rno, out["update"])
         elif out["self_check"]:
             fed.submit_decline(silo, rno, "; ".join(out["self_check"]))
+    asked: set[tuple[int, str]] = set()  # (attempt, silo): each silo is asked to mask once per attempt
     while True:
         cur = fed.current
         if cur is None or cur.round != rno:
@@ -146,13 +147,18 @@ def _train_round(fed: Federation, silos: _Silos, fcfg: FederatedConfig) -> dict[
         if secagg and cur.phase == "train":
             for silo in cur.participants:
                 if silo in results and silo not in cur.responded:
-                    pk = ray.get(silos.get(silo).secagg_key.remote(rno, cur.attempt))
+                    try:
+                        pk = ray.get(silos.get(silo).secagg_key.remote(rno, cur.attempt))
+                    except Exception as e:  # noqa: BLE001 - a silo failing here simply does not contribute
+                        fed.submit_decline(silo, rno, f"key exchange failed: {type(e).__name__}")
+                        continue
                     fed.submit_key(silo, rno, cur.attempt, pk, results[silo]["num_examples"],
                                    results[silo]["metrics"])
         elif secagg and cur.phase == "mask":
             keyset = fed.keyset(rno, cur.attempt)
-            mrefs = {silos.get(s).secagg_mask.remote(rno, cur.attempt, keyset): s
-                     for s in (cur.keyset or {}) if s not in cur.masked}
+            todo = [s for s in (cur.keyset or {}) if s not in cur.masked and (cur.attempt, s) not in asked]
+            asked.update((cur.attempt, s) for s in todo)
+            mrefs = {silos.get(s).secagg_mask.remote(rno, cur.attempt, keyset): s for s in todo}
             ready, pending = ray.wait(list(mrefs), num_returns=len(mrefs),
                                       timeout=max(0.0, cur.deadline - fed.clock()))
             for ref in ready:
@@ -162,10 +168,10 @@ def _train_round(fed: Federation, silos: _Silos, fcfg: FederatedConfig) -> dict[
                     log.warning("silo %s failed to mask: %s", mrefs[ref], e)
             for ref in pending:
                 silos.kill(mrefs[ref])
-        if fed.tick() is None and fed.current is cur and fed.clock() < cur.deadline:
-            complete = all(s in cur.responded for s in cur.participants) if cur.phase == "train" else False
-            if not complete:
-                time.sleep(min(0.2, max(0.0, cur.deadline - fed.clock())))
+        state = (cur.phase, cur.attempt, len(cur.responded), len(cur.masked))
+        fed.tick()
+        if fed.current is cur and state == (cur.phase, cur.attempt, len(cur.responded), len(cur.masked)):
+            time.sleep(min(0.2, max(0.0, cur.deadline - fed.clock())))  # nothing to do before the deadline
 
 
 def _baselines(cfg: RunConfig, fcfg: FederatedConfig, fed: Federation, silos: _Silos, run_dir: Path

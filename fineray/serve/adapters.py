@@ -1,130 +1,207 @@
-"""LoRA adapters on one base model for batched inference: load, delete, and route rows to adapters.
+"""Many LoRA adapters on one base model, batched: stacked adapter weights applied per row (pure torch).
 
-Rows of a forward pass may use different adapters: PEFT's mixed-adapter forward (`adapter_names=[...]`, with
-`__base__` for the plain base) applies each row's LoRA weights in the same pass. Two costs of PEFT's own
-`model(..., adapter_names=...)` are avoided here: it walks every module twice per call to add and remove
-hooks (at one call per generated token that walk outweighs a small model's maths), so the hooks are installed
-once and read the names of the current pass; and a batch with a single adapter (or only the base) takes PEFT's
-plain path instead of the per-layer gather/scatter, switching the active adapter only when it changes.
-Only the engine thread calls these methods.
+Every LoRA target (an `nn.Linear` of the base) gets a forward hook and a stack of adapter weights, one slot
+per loaded adapter: `A (slots, R, in)`, `B (slots, out, R)`, `scale (slots,)`, slot 0 all zeros (the base).
+A forward pass whose rows use different adapters gathers each row's A/B by slot and adds
+`scale * (x A^T) B^T` with two batched matmuls per layer, whatever the number of adapters (the idea of
+Punica/S-LoRA's batched LoRA kernels, here with torch.bmm); a pass with one adapter uses two plain matmuls.
+
+Why not PEFT's mixed-adapter forward (`adapter_names=[...]`): it loops over the adapters in every LoRA layer
+and indexes rows with Python lists (a host-to-device copy and sync per layer and adapter on a GPU), and adds
+and removes hooks on every module at every call. Measured on an H200 with a SmolLM2-135M-shaped model and 64
+sequences per batch: 8 adapters took 0.5 s per decode step and 32 adapters 1.5 s (one adapter: 0.05 s).
+
+Adapters are read straight from PEFT's files (`adapter_config.json`, `adapter_model.safetensors`); plain LoRA
+on linear layers is served, including `rank_pattern` / `alpha_pattern` and rsLoRA scaling. DoRA, LoRA on
+embeddings, `modules_to_save`, LoRA biases and other variants are refused with the reason. Only the engine
+thread calls these methods.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import warnings
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["BASE", "AdapterError", "AdapterNotServable", "LoraAdapters"]
+__all__ = ["BASE", "AdapterError", "AdapterNotServable", "LoraAdapters", "read_lora"]
 
-BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
-_MIXED = "__mixed__"
+BASE = "__base__"  # the "no adapter" row (PEFT's name for it too)
+_PREFIX = "base_model.model."
+# adapter_config fields that change the maths; anything but these defaults is a variant we do not implement
+_UNSUPPORTED = {"use_dora": False, "modules_to_save": None, "lora_bias": False, "bias": "none",
+                "fan_in_fan_out": False, "layer_replication": None, "target_parameters": None,
+                "trainable_token_indices": None, "use_qalora": False, "use_bdlora": None,
+                "alora_invocation_tokens": None}
 
 
 class AdapterError(RuntimeError):
-    """Adapter files that cannot be loaded on this base."""
+    """Adapter files that cannot be read, or that do not fit this base model."""
 
 
 class AdapterNotServable(AdapterError):
-    """An adapter that cannot share a batch (PEFT's mixed-adapter forward does not support DoRA)."""
+    """A LoRA variant this server does not implement (DoRA, embedding LoRA, modules_to_save, ...)."""
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    for key, value in patterns.items():  # PEFT matches pattern keys against the end of the module path
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def read_lora(path: str | Path, key: str = "adapter") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """PEFT LoRA files -> {module path: (A (r, in), B (out, r), scale)}; refuses variants it cannot serve."""
+    folder = Path(path)
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter {key!r}: cannot read {folder}/adapter_config.json ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterNotServable(f"adapter {key!r} is a {cfg.get('peft_type')} adapter; only LoRA is served")
+    for field, default in _UNSUPPORTED.items():
+        if cfg.get(field, default) not in (default, [], {}):
+            what = "DoRA" if field == "use_dora" else f"{field}={cfg[field]!r}"
+            raise AdapterNotServable(f"adapter {key!r} uses {what}, which this server cannot batch; merge it into "
+                                     "its base with `fineray export` and serve the merged model as the base")
+    if (folder / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    elif (folder / "adapter_model.bin").is_file():
+        tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise AdapterError(f"adapter {key!r}: {folder} has no adapter_model.safetensors")
+    out = {}
+    for name, a in tensors.items():
+        if not name.endswith(".lora_A.weight"):
+            if not name.endswith(".lora_B.weight"):
+                raise AdapterNotServable(f"adapter {key!r}: unexpected tensor {name} (not plain LoRA)")
+            continue
+        module = name[: -len(".lora_A.weight")].removeprefix(_PREFIX)
+        b = tensors.get(name.replace(".lora_A.", ".lora_B."))
+        if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise AdapterError(f"adapter {key!r}: malformed LoRA pair for {module}")
+        r = a.shape[0]
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r)))
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        out[module] = (a, b, scale)
+    if not out:
+        raise AdapterError(f"adapter {key!r}: no LoRA weights in {folder}")
+    return out
+
+
+@dataclass
+class _Stack:
+    a: torch.Tensor  # (slots, R, in)
+    b: torch.Tensor  # (slots, out, R)
+    scale: torch.Tensor  # (slots,)
 
 
 class LoraAdapters:
-    """The base model, wrapped by PEFT once the first adapter loads."""
+    """Adapter slots and per-row routing for one base model (hooks on its linear layers)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, base: str):
-        self.base_model, self.device, self.base = model, device, base
-        self.peft: Any = None
-        self._names: list[str] | None = None
-        self._hooked: set[int] = set()
-        self._active: str | None = None  # what the layers run without injected names (BASE: adapters off)
+        self.model, self.device, self.base = model, device, base
+        self.dtype = next(model.parameters()).dtype
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        self._stacks: dict[str, _Stack] = {}
+        self._slots: dict[str, int] = {}  # adapter key -> slot (0 is the base)
+        self._capacity = 1
+        self._rank = 1
+        # routing of the current forward pass: None (base only), an int slot (one adapter), or row slots
+        self._uniform: int | None = None
+        self._rows: torch.Tensor | None = None
 
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.peft if self.peft is not None else self.base_model
-
-    @staticmethod
-    def peft_name(key: str) -> str:
-        """PEFT adapter names become module keys, which may not hold dots or `@`."""
-        return "a" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    def loaded(self) -> list[str]:
+        return list(self._slots)
 
     def load(self, key: str, path: str) -> str:
-        """Load the adapter in `path`; returns its PEFT name."""
-        cfg_file = Path(path) / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise AdapterError(f"adapter {key!r}: {path} has no adapter_config.json")
-        try:
-            use_dora = json.loads(cfg_file.read_text()).get("use_dora", False)
-        except ValueError as e:
-            raise AdapterError(f"adapter {key!r}: unreadable adapter_config.json ({e})") from None
-        if use_dora:
-            raise AdapterNotServable(
-                f"adapter {key!r} is a DoRA adapter, which PEFT cannot mix with other adapters in one batch; "
-                "merge it into its base with `fineray export` and serve the merged model as the base")
-        name = self.peft_name(key)
-        try:
-            if self.peft is None:
-                from peft import PeftModel
+        """Read the adapter in `path` into a free slot; returns `key` (the name rows use)."""
+        weights = read_lora(path, key)
+        missing = [m for m in weights if m not in self._linears]
+        if missing:
+            raise AdapterNotServable(f"adapter {key!r} targets {missing[0]}, which is not a linear layer of base "
+                                     f"{self.base!r} (trained for another model, or LoRA on embeddings)")
+        for m, (a, b, _) in weights.items():
+            lin = self._linears[m]
+            if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features:
+                raise AdapterError(f"adapter {key!r}: {m} has shape {tuple(b.shape)}x{tuple(a.shape)}, the base "
+                                   f"layer is {lin.out_features}x{lin.in_features} (another base model?)")
+        slot = next((s for s in range(1, self._capacity) if s not in self._slots.values()), self._capacity)
+        self._grow(slot + 1, max(a.shape[0] for a, _, _ in weights.values()))
+        for m, (a, b, scale) in weights.items():
+            st = self._stack(m)
+            r = a.shape[0]
+            st.a[slot].zero_()
+            st.b[slot].zero_()
+            st.a[slot, :r] = a.to(self.device, self.dtype)
+            st.b[slot, :, :r] = b.to(self.device, self.dtype)
+            st.scale[slot] = scale
+        self._slots[key] = slot
+        return key
 
-                self.peft = PeftModel.from_pretrained(self.base_model, path, adapter_name=name)
-                self.peft.eval()
-            else:
-                self.peft.load_adapter(path, adapter_name=name)
-        except Exception as e:
-            raise AdapterError(f"adapter {key!r} cannot be loaded on base {self.base!r}: {e}") from e
-        self.peft.to(self.device)
-        self._hook_layers()
-        self._active = None
-        return name
-
-    def delete(self, name: str) -> None:
-        with warnings.catch_warnings():  # "adapter X was active which is now deleted": expected here
-            warnings.simplefilter("ignore")
-            self.peft.delete_adapter(name)
-        self._active = None
+    def delete(self, key: str) -> None:
+        slot = self._slots.pop(key)
+        for st in self._stacks.values():  # a reused slot must not keep another adapter's weights
+            st.a[slot].zero_()
+            st.b[slot].zero_()
+            st.scale[slot] = 0.0
 
     def select(self, names: list[str]) -> None:
-        """Route the rows of the next forward pass (one PEFT name or BASE per row)."""
-        if self.peft is None:
-            return
-        unique = set(names)
-        if len(unique) > 1:
-            want, self._names = _MIXED, list(names)
+        """Route the rows of the next forward pass (an adapter key or BASE per row)."""
+        slots = [0 if n == BASE else self._slots[n] for n in names]
+        first = slots[0]
+        if all(s == first for s in slots):
+            self._uniform, self._rows = (None if first == 0 else first), None
         else:
-            want, self._names = unique.pop(), None
-        if want == self._active or (want == _MIXED and self._active not in (None, BASE)):
-            return
-        lora = self.peft.base_model
-        if want == BASE:
-            lora.disable_adapter_layers()
-        else:
-            lora.enable_adapter_layers()
-            if want != _MIXED:
-                lora.set_adapter(want)
-        self._active = want
+            self._uniform, self._rows = None, torch.tensor(slots, device=self.device)  # one copy per pass
 
     def done(self) -> None:
-        """After a forward pass: stop injecting names."""
-        self._names = None
+        self._uniform, self._rows = None, None
 
-    def _hook_layers(self) -> None:
-        from peft.tuners.lora import LoraLayer
+    # ------------------------------------------------------------------ internals
+    def _grow(self, capacity: int, rank: int) -> None:
+        """Make room for `capacity` slots of rank `rank` (copying the stacks when they grow)."""
+        capacity, rank = max(capacity, self._capacity), max(rank, self._rank)
+        if capacity == self._capacity and rank == self._rank:
+            return
+        for st in self._stacks.values():
+            a = st.a.new_zeros((capacity, rank, st.a.shape[2]))
+            b = st.b.new_zeros((capacity, st.b.shape[1], rank))
+            s = st.scale.new_zeros(capacity)
+            a[: st.a.shape[0], : st.a.shape[1]] = st.a
+            b[: st.b.shape[0], :, : st.b.shape[2]] = st.b
+            s[: st.scale.shape[0]] = st.scale
+            st.a, st.b, st.scale = a, b, s
+        self._capacity, self._rank = capacity, rank
 
-        try:
-            from peft.utils.other import AuxiliaryTrainingWrapper
-        except ImportError:  # older PEFT
-            AuxiliaryTrainingWrapper = LoraLayer
-        for module in self.peft.modules():
-            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)) and id(module) not in self._hooked:
-                module.register_forward_pre_hook(self._inject, with_kwargs=True)
-                self._hooked.add(id(module))
+    def _stack(self, module: str) -> _Stack:
+        st = self._stacks.get(module)
+        if st is None:
+            lin = self._linears[module]
+            kw = {"device": self.device, "dtype": self.dtype}
+            st = _Stack(torch.zeros((self._capacity, self._rank, lin.in_features), **kw),
+                        torch.zeros((self._capacity, lin.out_features, self._rank), **kw),
+                        torch.zeros(self._capacity, **kw))
+            self._stacks[module] = st
+            lin.register_forward_hook(lambda mod, inp, out, m=module: self._apply(m, inp[0], out))
+        return st
 
-    def _inject(self, module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        if self._names is None:
+    def _apply(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        st = self._stacks[module]
+        if self._uniform is not None:
+            s = self._uniform
+            return out + (torch.nn.functional.linear(torch.nn.functional.linear(x, st.a[s]), st.b[s])
+                          * st.scale[s]).to(out.dtype)
+        if self._rows is None:
             return None
-        kwargs["adapter_names"] = self._names
-        return args, kwargs
+        rows = self._rows
+        x3 = x.reshape(rows.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+        h = torch.bmm(x3.to(self.dtype), st.a[rows].transpose(1, 2))  # (batch, tokens, R)
+        y = torch.bmm(h, st.b[rows].transpose(1, 2)) * st.scale[rows].view(-1, 1, 1)  # (batch, tokens, out)
+        return out + y.reshape(out.shape).to(out.dtype)

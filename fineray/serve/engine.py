@@ -84,17 +84,17 @@ class Completion:
 
 @dataclass
 class _Adapter:
-    peft_name: str
+    name: str  # the adapter's name in LoraAdapters
     path: str
     refs: int = 0
     evict: bool = False
 
 
 class _Row:
-    __slots__ = ("done", "generated", "length", "next_token", "peft_name", "req", "sampler", "tracker")
+    __slots__ = ("adapter", "done", "generated", "length", "next_token", "req", "sampler", "tracker")
 
-    def __init__(self, req: GenRequest, sampler: RowSampler, tracker: TextTracker, peft_name: str):
-        self.req, self.sampler, self.tracker, self.peft_name = req, sampler, tracker, peft_name
+    def __init__(self, req: GenRequest, sampler: RowSampler, tracker: TextTracker, adapter: str):
+        self.req, self.sampler, self.tracker, self.adapter = req, sampler, tracker, adapter
         self.next_token, self.length, self.generated, self.done = 0, len(req.prompt_ids), 0, False
 
 
@@ -134,6 +134,7 @@ class Engine:
         model = load_base_model(mcfg, use_gpu=self.device.type == "cuda", path=path)
         model.to(self.device).eval()
         model.config.use_cache = True  # load_base_model turns it off for training
+        self.model: Any = model
         self.lora = LoraAdapters(model, self.device, base)
         self.base = base
         self.vocab = model.get_output_embeddings().weight.shape[0]
@@ -299,7 +300,7 @@ class Engine:
             gone = [k for k, v in self._adapters.items() if v.evict and v.refs <= 0]
             for k in gone:
                 st = self._adapters.pop(k)
-                self.lora.delete(st.peft_name)
+                self.lora.delete(st.name)
         if gone:
             log.info("unloaded adapters %s", gone)
 
@@ -353,10 +354,10 @@ class Engine:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
                  rows: list[_Row], kind: str) -> torch.Tensor:
         t0 = time.perf_counter()
-        self.lora.select([r.peft_name for r in rows])
+        self.lora.select([r.adapter for r in rows])
         try:
-            out = self.lora.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                  logits_to_keep=1, **{self._cache_kw: cache})
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                             **{self._cache_kw: cache})
         finally:
             self.lora.done()
         logits = out.logits[:, -1, :]
@@ -365,9 +366,8 @@ class Engine:
         return logits
 
     def _new_row(self, req: GenRequest) -> _Row:
-        peft_name = BASE if req.adapter == BASE else self._adapters[req.adapter].peft_name
         return _Row(req, RowSampler(req.params, self.vocab, self.device, self._gen),
-                    TextTracker(self.tokenizer, req.params.stop), peft_name)
+                    TextTracker(self.tokenizer, req.params.stop), req.adapter)
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
         from transformers import DynamicCache

@@ -99,8 +99,16 @@ def run_server(cfg: ServeConfig, *, blocking: bool = True, ready_timeout_s: floa
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                     logging_level=logging.WARNING)
+            for attempt in (1, 2):  # a raylet has 30 s to register; on an overloaded machine try once more
+                try:
+                    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                             logging_level=logging.WARNING)
+                    break
+                except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+                    if attempt == 2 or "timed out during startup" not in str(e):
+                        raise
+                    log.warning("Ray did not start in time; retrying once")
+                    ray.shutdown()
         started = True
     handle = ServerHandle(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{cfg.port}", host,
                           cfg.port, started, [warning] if warning else [])

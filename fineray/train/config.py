@@ -135,6 +135,8 @@ class FastConfig(_Section):
         loss_chunk_tokens: tokens per loss chunk (default: ~1 GiB of fp32 logits per chunk).
         compile: `torch.compile` each decoder layer (regional compilation; attention stays eager).
         group_by_length: batch examples of similar length together (less padding when not packing).
+        expandable_segments: let the CUDA caching allocator grow segments in place, so steps whose packed
+            length changes every time do not fragment memory or call cudaMalloc (GPU only).
     """
 
     packing_attention: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
@@ -142,6 +144,7 @@ class FastConfig(_Section):
     loss_chunk_tokens: int | None = Field(None, ge=16)
     compile: bool | Literal["auto"] = "auto"
     group_by_length: bool = False
+    expandable_segments: bool | Literal["auto"] = "auto"
 
 
 class FsdpConfig(_Section):

@@ -38,6 +38,7 @@ class FastPath:
     chunk_tokens: int | None = None
     compile: bool = False
     group_by_length: bool = False
+    expandable_segments: bool = False
     pad_multiple: int = 1
     head: LossHead | None = None
 
@@ -45,7 +46,8 @@ class FastPath:
         """One line for the run log."""
         parts = [f"packing={'on/' + str(self.attention) if self.packing else 'off'}",
                  f"chunked_loss={'on' if self.chunked_loss else 'off'}",
-                 f"compile={'on' if self.compile else 'off'}"]
+                 f"compile={'on' if self.compile else 'off'}",
+                 f"expandable_segments={'on' if self.expandable_segments else 'off'}"]
         return "fast path: " + " ".join(parts)
 
 
@@ -67,6 +69,7 @@ def resolve_fast(cfg: Any, use_gpu: bool, dtype: torch.dtype | None = None) -> F
     chunked = _auto(f.chunked_loss, use_gpu and cfg.train.strategy != "deepspeed")
     return FastPath(packing=packing, attention=attention, chunked_loss=chunked, chunk_tokens=f.loss_chunk_tokens,
                     compile=_auto(f.compile, use_gpu), group_by_length=f.group_by_length,
+                    expandable_segments=use_gpu and _auto(f.expandable_segments, True),
                     pad_multiple=8 if use_gpu else 1)
 
 
@@ -88,6 +91,11 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 def apply_fast_path(model: torch.nn.Module, fast: FastPath) -> torch.nn.Module:
     """Install the fast-path pieces on a loaded (PEFT-wrapped) model, before DDP/FSDP wrapping."""
     lm = _causal_lm(model)
+    if fast.expandable_segments:
+        try:  # applies to segments allocated from now on; the same switch vLLM flips at run time
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        except (AttributeError, RuntimeError):
+            fast.expandable_segments = False
     if fast.packing:
         register_packed_attention()
         lm.config._attn_implementation = PACKED_ATTENTION[fast.attention]
