@@ -151,6 +151,26 @@ def plan(config: Path = typer.Argument(...), overrides: Optional[list[str]] = ty
     console.print(format_plan(plan_run(cfg, gpu_memory_gib=gpu_memory_gib)))
 
 
+@app.command()
+def tune(config: Optional[Path] = typer.Argument(None, help="Run config YAML with a `tune:` section."),
+         overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides"),
+         resume: Optional[str] = typer.Option(None, "--resume", help="Continue the interrupted sweep in RUN_DIR."),
+         no_progress: bool = typer.Option(False, "--no-progress")) -> None:
+    """Hyperparameter sweep: Ray Tune + Optuna (TPE) with ASHA; registers the best adapter."""
+    from fineray.tune import SweepError, print_sweep, resume_sweep, run_sweep
+
+    try:
+        if resume:
+            result = resume_sweep(resume, progress=not no_progress)
+        else:
+            if config is None:
+                _fail("give a config with a `tune:` section (e.g. configs/sweep.yaml), or --resume RUN_DIR")
+            result = run_sweep(_load(config, list(overrides or [])), progress=not no_progress)
+    except (SweepError, *_user_errors()) as e:
+        _fail(str(e), 1)
+    print_sweep(result, console)
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 def _registry(registry: str) -> Any:
     from fineray.train.registry import AdapterRegistry

@@ -93,7 +93,7 @@ def print_federation(result: FederationResult, console: Any = None) -> None:
                   _f(row.get("train_loss")), _f(ev.get("mean_val")), _f(ev.get("held_out")),
                   _f(row.get("epsilon"), 3), _f(row.get("wall_s"), 1))
     console.print(t)
-    v = Table(title="global adapter: validation loss on each silo's validation set")
+    v = Table(title="validation loss per silo")
     v.add_column("round", justify="right")
     for silo in result.silos:
         v.add_column(silo, justify="right")

@@ -104,7 +104,7 @@ def run_server(cfg: ServeConfig, *, blocking: bool = True, ready_timeout_s: floa
                     ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                              logging_level=logging.WARNING)
                     break
-                except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+                except Exception as e:  # Ray raises a bare Exception for this
                     if attempt == 2 or "timed out during startup" not in str(e):
                         raise
                     log.warning("Ray did not start in time; retrying once")

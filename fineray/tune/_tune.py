@@ -20,25 +20,33 @@ __all__ = ["LIVE", "SweepCallback", "Searcher", "trial_dirname", "trial_record"]
 LIVE: dict[str, Any] = {}
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def trial_dirname(trial: Any) -> str:
     """Tune trial folders are named by trial id (the trials/<id> Train storage uses the same id)."""
     return trial.trial_id
 
 
 class Searcher(OptunaSearch):
-    """OptunaSearch that tolerates results without the objective.
+    """OptunaSearch that tolerates results without the objective, and saves its state atomically.
 
     Intermediate results of an eval-metric sweep (e.g. `field_accuracy`) carry only training metrics; the
     objective arrives with the trial's last result. Stock OptunaSearch raises KeyError on such results.
     """
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        metric = self.metric
-        if isinstance(metric, str):
-            value = result.get(metric)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                return
+        if isinstance(self.metric, str) and not _finite(result.get(self.metric)):
+            return
         super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        # An early-stopped trial of an eval-objective sweep has no objective: tell Optuna "pruned", not None.
+        metrics = [self.metric] if isinstance(self.metric, str) else list(self.metric or [])
+        if result and not all(_finite(result.get(m)) for m in metrics):
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
         """Atomic version of OptunaSearch.save (which truncates the file in place while Tune may copy it)."""

@@ -144,9 +144,10 @@ def _ray(cfg: RunConfig) -> Iterator[None]:
 class _Reporter:
     """Live output: a line per finished trial above a rich progress bar, and trials.jsonl."""
 
-    def __init__(self, sweep_uri: str, local: Path, tcfg: TuneConfig, done: int, progress: bool):
-        self.sweep_uri, self.local, self.tcfg, self.progress = sweep_uri, local, tcfg, progress
-        self.done = done
+    def __init__(self, sweep_uri: str, tcfg: TuneConfig, seen: set[str], progress: bool):
+        self.sweep_uri, self.tcfg, self.progress = sweep_uri, tcfg, progress
+        self.seen = set(seen)  # trials already in trials.jsonl (a resumed sweep re-reports some of them)
+        self.done = len(self.seen)
         self._bar: Any = None
         self._next_snapshot = 0.0
 
@@ -164,6 +165,9 @@ class _Reporter:
             self._bar.stop()
 
     def finished(self, rec: dict[str, Any]) -> None:
+        if rec["trial_id"] in self.seen:  # finished before an interruption; Tune's state had not caught up
+            return
+        self.seen.add(rec["trial_id"])
         self.done += 1
         m = rec["metrics"]
         early = rec["status"] != "ERROR" and not m.get("train_done", False)
@@ -247,8 +251,10 @@ def _scheduler(cfg: RunConfig, tcfg: TuneConfig) -> Any:
     total = cfg.train.max_steps
     grace = s.grace_period or (cfg.train.eval_every if by_step else 1)
     if s.type == "median":
+        # min_time_slice=huge: with too few finished trials to compare against, the stock rule PAUSEs a trial
+        # to let pending ones run, and a paused function trainable restarts (here: from its Train checkpoint).
         return MedianStoppingRule(time_attr=s.time_attr, metric=metric, mode=mode, grace_period=grace,
-                                  min_samples_required=2)
+                                  min_samples_required=2, min_time_slice=2**62)
     max_t = s.max_t or (total if by_step and total else max(1, (total or 100) // cfg.train.eval_every) + 1)
     if by_step and total and max_t < total:
         log.warning("ASHA max_t=%d < train.max_steps=%d: every trial stops at step %d", max_t, total, max_t)
@@ -304,10 +310,10 @@ def _execute(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], s
     name = cfg.output.name
     local = _local_dir(sweep_uri, name)
     fs, path = storage.open_fs(sweep_uri)
-    done_before = len(_read_lines(fs, f"{path}/trials.jsonl"))
+    seen = {row["trial_id"] for row in _read_lines(fs, f"{path}/trials.jsonl")}
     t0 = time.perf_counter()
     _tune_env()
-    with _ray(cfg), _Reporter(sweep_uri, local, tcfg, done_before, progress) as rep:
+    with _ray(cfg), _Reporter(sweep_uri, tcfg, seen, progress) as rep:
         from ray import tune
 
         LIVE[name] = rep

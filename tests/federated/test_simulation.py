@@ -23,13 +23,13 @@ def _cfg(tmp: Path, **fed):
                              f"output.registry={tmp / 'reg'}", "output.name=sim"])
     silos = [{"name": n, "data": str(DATA / f"{n}.jsonl"), "num_cpus": 0.5} for n in ("acme", "globex", "initech")]
     silos[0]["resources"] = {"silo:acme": 1}
-    cfg.federated = {"silos": silos, "rounds": 3, "local_steps": 5, "round_timeout_s": 300,
+    cfg.federated = {"silos": silos, "rounds": 2, "local_steps": 6, "round_timeout_s": 300,
                      "eval_data": "fineray:support-tickets/val", "eval_max_examples": 16, "threads_per_silo": 1,
                      **fed}
     return cfg
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def private_ray():
     import ray
 
@@ -48,24 +48,23 @@ def test_three_silo_simulation_lowers_global_validation_loss(tmp_path: Path, pri
     print_federation(result, Console(width=200))
     # Assert: every round aggregated all three silos, and the global adapter got better on every silo's
     # validation set and on the global held-out set.
-    assert [r["status"] for r in result.rounds] == ["ok", "ok", "ok"]
+    assert [r["status"] for r in result.rounds] == ["ok", "ok"]
     assert all(r["accepted"] == ["acme", "globex", "initech"] and r["attempts"] == 1 for r in result.rounds)
     means = [result.initial_eval["mean_val"]] + [r["eval"]["mean_val"] for r in result.rounds]
     held = [result.initial_eval["held_out"]] + [r["eval"]["held_out"] for r in result.rounds]
-    assert means[-1] < means[0] - 0.2 and held[-1] < held[0] - 0.2
-    assert means[3] < means[1]
+    assert means[0] - 0.1 > means[1] > means[2] and held[0] - 0.1 > held[1] > held[2]
     methods = {r["method"]: r for r in result.comparison}
     assert set(methods) == {"local-only", "federated", "centralised"}
     assert methods["federated"]["mean_val_loss"] == pytest.approx(means[-1], abs=1e-4)
     assert all(isinstance(r["held_out_loss"], float) for r in result.comparison)
     run = Path(result.run_dir)
-    assert (run / "curves.png").stat().st_size > 1000 and len((run / "rounds.jsonl").read_text().splitlines()) == 3
+    assert (run / "curves.png").stat().st_size > 1000 and len((run / "rounds.jsonl").read_text().splitlines()) == 2
     assert result.registry_ref == "sim@v1"
     manifest = json.loads((tmp_path / "reg" / "sim" / "v1" / "manifest.json").read_text())
     assert manifest["lineage"]["federation"]["silos"] == ["acme", "globex", "initech"]
-    assert manifest["lineage"]["federation"]["rounds"] == 3 and manifest["method"] == "lora"
+    assert manifest["lineage"]["federation"]["rounds"] == 2 and manifest["method"] == "lora"
     out = capsys.readouterr().out
-    assert "local-only vs federated vs centralised" in out and "validation loss on each silo" in out
+    assert "local-only vs federated vs centralised" in out and "validation loss per silo" in out
 
 
 @pytest.mark.integration

@@ -170,3 +170,37 @@ def test_dora_adapters_are_refused_with_a_reason(engine, tmp_path):
     with pytest.raises(AdapterNotServable, match="DoRA"):
         engine.load_adapter("dora@v1", tmp_path / "dora")
     assert "dora@v1" not in engine.loaded_adapters()
+
+
+def test_ranks_target_sets_and_scaling_variants_match_peft(engine, prompts, peft_reference, tmp_path):
+    # Prepare: rank 8 (the stacks grow from rank 4), two targets only, rsLoRA and a per-module alpha
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from fineray.train.config import ModelConfig
+    from fineray.train.model import load_base_model
+
+    model = get_peft_model(load_base_model(ModelConfig(base="tiny:llama")),
+                           LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True,
+                                      alpha_pattern={"v_proj": 12}, task_type="CAUSAL_LM"))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path / "wide")
+    base = load_base_model(ModelConfig(base="tiny:llama"))
+    base.config.use_cache = True
+    ref_model = PeftModel.from_pretrained(base, str(tmp_path / "wide")).eval()
+    x = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        expected = ref_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12,
+                                      do_sample=False, pad_token_id=engine.pad_id,
+                                      eos_token_id=engine.tokenizer.eos_token_id)[0, x.shape[1]:].tolist()
+    # Execute
+    engine.load_adapter("wide@v1", tmp_path / "wide")
+    got = engine.generate([prompts[1], prompts[1]], GREEDY, ["wide@v1", "alpha@v1"])
+    # Assert: the new adapter matches PEFT, and the rank-4 adapter is unchanged by the wider stacks
+    assert got[0].token_ids == expected
+    assert got[1].token_ids == peft_reference("alpha", prompts[1], 12)
+    engine.unload_adapter("wide@v1")

@@ -87,15 +87,17 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         _kill_group(proc)
         log.close()
     killed_at = time.time()
+    # trials whose driver wrote final.json (training done) before the kill
+    trained = {p.parent.name for p in (sweep_dir / "trials").glob("*/final.json")}
     repaired = repair(str(sweep_dir))  # what resume_sweep does first (a kill can truncate Tune's files)
     saved = ExperimentAnalysis(str(sweep_dir / "tune"))
     finished_before = {t.trial_id for t in saved.trials if t.status == "TERMINATED"}
     assert finished_before, "the kill came before Tune saved a finished trial"
-    assert len(_lines(sweep_dir / "trials.jsonl")) < NUM_SAMPLES
+    assert len(trained) < NUM_SAMPLES
     t0 = time.perf_counter()
     result = resume_sweep(sweep_dir, progress=False)
-    return {"result": result, "finished_before": finished_before, "killed_at": killed_at, "dir": sweep_dir,
-            "root": root, "resume_s": time.perf_counter() - t0, "repaired": repaired}
+    return {"result": result, "finished_before": finished_before, "trained": trained, "killed_at": killed_at,
+            "dir": sweep_dir, "root": root, "resume_s": time.perf_counter() - t0, "repaired": repaired}
 
 
 def test_resume_finishes_without_rerunning_finished_trials(sweep: dict[str, Any]) -> None:
@@ -105,12 +107,14 @@ def test_resume_finishes_without_rerunning_finished_trials(sweep: dict[str, Any]
     # Assert: every sample ran, none failed
     assert len(res.trials) == NUM_SAMPLES and res.errors == []
     assert all(r["status"] == "TERMINATED" for r in res.trials)
-    for tid in sweep["finished_before"]:
-        # started once, and no file of its Ray Train run was written after the kill
-        assert by_id[tid]["attempts"] == 1
-        newest = max(p.stat().st_mtime for p in (d / "trials" / tid / "ray").rglob("*"))
-        assert newest < sweep["killed_at"]
-    # trials.jsonl has each trial exactly once (pre-kill lines + resumed ones)
+    # trials Tune had saved as finished were not started again
+    assert all(by_id[tid]["attempts"] == 1 for tid in sweep["finished_before"])
+    # no trial that had finished (or was stopped) before the kill trained again: a trial that finished in the
+    # last seconds, before Tune saved its state, is restarted but only re-reports its final.json
+    for tid in sweep["trained"] | sweep["finished_before"]:
+        files = [p for p in (d / "trials" / tid).rglob("*") if p.is_file() and p.name != "attempts.jsonl"]
+        assert max(p.stat().st_mtime for p in files) < sweep["killed_at"], tid
+    # trials.jsonl lists every trial once (pre-kill lines + resumed ones)
     ids = [row["trial_id"] for row in _lines(d / "trials.jsonl")]
     assert sorted(ids) == sorted(by_id)
 
@@ -183,3 +187,25 @@ def test_eval_metric_of_the_best_adapter(sweep: dict[str, Any]) -> None:
     # Assert
     assert 0.0 <= metrics["field_accuracy"] <= 1.0 and 0.0 <= metrics["json_valid"] <= 1.0
     assert metrics["perplexity"] > 1.0
+
+
+def test_failing_trials_are_retried_listed_and_do_not_kill_the_sweep(tmp_path: Path) -> None:
+    """Each value is valid alone, the combination is not: every trial fails in its own driver, is retried
+    once (tune.max_failures) and the sweep still returns, listing the errors and registering nothing."""
+    from fineray.train.config import validate_config
+    from fineray.tune import run_sweep
+
+    # Prepare
+    data = {**SWEEP, "output": {"dir": str(tmp_path / "runs"), "registry": str(tmp_path / "adapters"), "name": "bad"},
+            "tune": {"num_samples": 2, "max_failures": 1,
+                     "search_space": {"method": {"choice": ["qlora"]}, "train.strategy": {"choice": ["deepspeed"]}}}}
+    cfg = validate_config(data)
+    # Execute
+    res = run_sweep(cfg, progress=False)
+    # Assert
+    assert [r["status"] for r in res.trials] == ["ERROR", "ERROR"]
+    assert [e["trial_id"] for e in res.errors] == [r["trial_id"] for r in res.trials]
+    assert all("qlora cannot run with train.strategy=deepspeed" in e["error"] for e in res.errors)
+    assert all(r["attempts"] == 2 for r in res.trials)
+    assert res.best == {} and res.registry_ref is None and res.best_config_path is None
+    assert not (tmp_path / "adapters").exists()
