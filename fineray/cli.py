@@ -171,6 +171,109 @@ def tune(config: Optional[Path] = typer.Argument(None, help="Run config YAML wit
     print_sweep(result, console)
 
 
+@app.command()
+def serve(registry: Optional[str] = typer.Option(None, help="Adapter registry (path or URI)."),
+          base: Optional[str] = typer.Option(None, help="Base model (default: embedded SmolLM2)."),
+          config: Optional[Path] = typer.Option(None, "--config", help="Serve config YAML (configs/serve.yaml)."),
+          host: Optional[str] = typer.Option(None, help="Bind address (loopback unless API keys are set)."),
+          port: Optional[int] = typer.Option(None, help="HTTP port (default 8000)."),
+          api_keys_file: Optional[str] = typer.Option(None, help="API keys file (YAML/JSON)."),
+          device: Optional[str] = typer.Option(None, help="auto | cpu | cuda")) -> None:
+    """Serve registered adapters behind an OpenAI-compatible API on Ray Serve."""
+    from fineray.serve import load_serve_config
+    from fineray.serve.server import run_server
+    from fineray.train.config import ConfigError
+
+    try:
+        cfg = load_serve_config(config, {"registry": registry, "base": base, "host": host, "port": port,
+                                         "api_keys_file": api_keys_file, "device": device})
+        run_server(cfg, blocking=True)
+    except (ConfigError, RuntimeError) as e:
+        _fail(str(e), 1)
+
+
+@app.command()
+def generate(model: Optional[str] = typer.Option(None, "--model", help="Adapter name[@vN] (default: the base)."),
+             input: Path = typer.Option(..., "--input", help="JSONL of prompts ({prompt} or {messages})."),
+             output: Path = typer.Option(..., "--output", help="JSONL to write completions to."),
+             registry: str = typer.Option("adapters", help="Adapter registry (path or URI)."),
+             base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's manifest)."),
+             num_workers: int = typer.Option(2, help="Ray Data workers."),
+             max_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0),
+             batch_size: int = typer.Option(16), use_gpu: bool = typer.Option(False, "--gpu")) -> None:
+    """Offline batch generation with Ray Data across workers."""
+    from fineray.serve import generate_offline
+
+    try:
+        stats = generate_offline(model, input, output, registry=registry, base=base, num_workers=num_workers,
+                                 max_tokens=max_tokens, temperature=temperature, batch_size=batch_size,
+                                 use_gpu=use_gpu)
+    except (ValueError, RuntimeError, *_user_errors()) as e:
+        _fail(str(e), 1)
+    console.print_json(json.dumps(stats, default=str))
+
+
+@federated_app.callback()
+def federated(ctx: typer.Context) -> None:
+    """`fineray federated CONFIG [key=value ...]` simulates the federation on one Ray cluster;
+    `coordinator` and `silo` run it across organisations over HTTPS."""
+
+
+@federated_app.command("run", hidden=True)
+def federated_run(config: Path = typer.Argument(...), overrides: Optional[list[str]] = typer.Argument(None),
+                  no_progress: bool = typer.Option(False, "--no-progress")) -> None:
+    """Simulate a federation: every silo a Ray actor on one cluster."""
+    cfg = _load(config, list(overrides or []))
+    from fineray.federated import print_federation, run_simulation
+
+    try:
+        result = run_simulation(cfg, progress=not no_progress, console=console)
+    except (ValueError, RuntimeError, *_user_errors()) as e:
+        _fail(str(e), 1)
+    print_federation(result, console)
+
+
+@federated_app.command("coordinator")
+def federated_coordinator(config: Path = typer.Argument(...), overrides: Optional[list[str]] = typer.Argument(None),
+                          host: str = typer.Option("0.0.0.0"), port: int = typer.Option(8443),
+                          cert: Optional[str] = typer.Option(None, help="Server certificate (PEM)."),
+                          key: Optional[str] = typer.Option(None, help="Server private key (PEM)."),
+                          ca: Optional[str] = typer.Option(None, help="CA of the silos' client certs (mutual TLS)."),
+                          tokens: Optional[Path] = typer.Option(None, help="YAML/JSON {silo: token} file.")) -> None:
+    """Run the aggregator: silos connect over HTTPS; only adapter tensors (safetensors) travel."""
+    cfg = _load(config, list(overrides or []))
+    from fineray.federated import print_federation, run_coordinator
+    from fineray.train.config import load_yaml
+
+    tok = {str(k): str(v) for k, v in load_yaml(tokens).items()} if tokens else None
+    try:
+        result = run_coordinator(cfg, host, port, cert, key, ca, tok, console=console)
+    except (ValueError, RuntimeError, *_user_errors()) as e:
+        _fail(str(e), 1)
+    if result is not None:
+        print_federation(result, console)
+
+
+@federated_app.command("silo")
+def federated_silo(coordinator: str = typer.Option(..., help="https://HOST:PORT of the coordinator."),
+                   name: str = typer.Option(..., help="This silo's name."),
+                   data: str = typer.Option(..., help="Private training data (never leaves this machine)."),
+                   token: Optional[str] = typer.Option(None, envvar="FINERAY_SILO_TOKEN"),
+                   ca: Optional[str] = typer.Option(None), cert: Optional[str] = typer.Option(None),
+                   key: Optional[str] = typer.Option(None),
+                   trainer: str = typer.Option("ray", help="ray (Ray Train) | local"),
+                   overrides: Optional[list[str]] = typer.Argument(None)) -> None:
+    """Run one organisation's silo: trains locally, sends only its adapter update."""
+    from fineray.federated import run_silo
+
+    try:
+        out = run_silo(coordinator, name, data, token, ca=ca, cert=cert, key=key, trainer=trainer,
+                       overrides=list(overrides or []))
+    except (ValueError, RuntimeError, TimeoutError, *_user_errors()) as e:
+        _fail(str(e), 1)
+    console.print_json(json.dumps(out, default=str))
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 def _registry(registry: str) -> Any:
     from fineray.train.registry import AdapterRegistry
@@ -382,6 +485,10 @@ def k8s_validate(files: list[Path] = typer.Argument(..., help="Manifest YAML fil
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:]
+    # `fineray federated CONFIG ...` (simulation) is the `run` subcommand; keep the short form users type.
+    if len(argv) >= 2 and argv[0] == "federated" and argv[1] not in ("run", "coordinator", "silo", "--help", "-h"):
+        sys.argv.insert(2, "run")
     try:
         app()
     except KeyboardInterrupt:

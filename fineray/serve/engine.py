@@ -70,6 +70,7 @@ class GenRequest:
     emit: Callable[[GenEvent], None]
     adapter: str = BASE
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Engine:
         self._mask: torch.Tensor | None = None
         self._plain_cache = True  # cleared when the model's cache layers cannot be merged/trimmed
         self._prefilling: list[_Row] = []
+        self._step_s = 0.01  # moving average of a decode step (admission waits a few of them at most)
         self._thread = threading.Thread(target=self._loop, name="fineray-engine", daemon=True)
         self._thread.start()
 
@@ -318,7 +320,7 @@ class Engine:
                 for r in pending:
                     self._pending.remove(r)
                 new: list[GenRequest] = []
-                if self.continuous and self._plain_cache or not self._rows:
+                if self._admit_now():
                     while self._pending and len(self._rows) + len(new) < self.max_batch_size:
                         new.append(self._pending.popleft())
             for r in pending:
@@ -350,6 +352,23 @@ class Engine:
             self._collect_adapters()
         for r in list(self._pending) + [row.req for row in self._rows if not row.done]:
             self._finish_req(r, GenEvent(error="engine is shutting down"))
+
+    def _admit_now(self) -> bool:
+        """Whether queued requests join now (caller holds the lock).
+
+        Joining a running batch copies its whole KV cache (pad + concatenate), so with a batch running the
+        engine waits until a quarter of the free rows can be filled at once, or the oldest request has waited
+        a few decode steps: the copy is amortised and no request waits long.
+        """
+        if not self._pending:
+            return False
+        if not self._rows:
+            return True
+        if not (self.continuous and self._plain_cache):
+            return False
+        free = self.max_batch_size - len(self._rows)
+        waited = time.monotonic() - self._pending[0].queued_at
+        return free > 0 and (len(self._pending) >= max(1, free // 4) or waited > 4 * self._step_s)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
                  rows: list[_Row], kind: str) -> torch.Tensor:
@@ -419,7 +438,9 @@ class Engine:
         pos = torch.tensor([[r.length] for r in rows], device=self.device)
         self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=self._mask.dtype,
                                                        device=self.device)], dim=1)
+        t0 = time.perf_counter()
         logits = self._forward(ids, self._mask, pos, self._cache, rows, "decode")
+        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - t0)  # moving average
         live = [r for r in rows if not r.done]
         for r in rows:
             r.length += 1
