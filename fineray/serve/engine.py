@@ -2,10 +2,8 @@
 
 Rows of a batch may use different adapters (see `fineray.serve.adapters`). With continuous
 (iteration-level) batching, new requests are prefilled together between decode steps and merged into the
-running batch: the KV caches are left-padded to a common length and concatenated, every row keeps its own
-position ids, and columns that no live row needs are trimmed as rows finish (so the cache never grows past
-the longest live sequence). Models whose cache is not a plain dynamic KV cache (sliding-window or linear-
-attention layers) fall back to static batching.
+running batch (see `fineray.serve.kvcache`). Models whose cache is not a plain dynamic KV cache (sliding-
+window or linear-attention layers) fall back to static batching.
 
 Everything that touches the model (forward passes, adapter loads and deletions) runs in the engine thread,
 so an adapter is never deleted under a running forward pass; an adapter evicted while rows still use it is
@@ -28,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fineray.serve import kvcache
 from fineray.serve.adapters import BASE, AdapterError, AdapterNotServable, LoraAdapters
 from fineray.serve.sampling import RowSampler, SamplingParams, TextTracker, sample_rows
 
@@ -402,13 +401,12 @@ class Engine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(ids, mask, pos, cache, rows, "prefill")
-        self._plain_cache = self._plain_cache and all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
+        self._plain_cache = self._plain_cache and kvcache.is_plain(cache)
         keep = self._advance(rows, sample_rows(logits, [r.sampler for r in rows]))
         if not keep:
             return
         if len(keep) < len(rows) and self._plain_cache:
-            cache.batch_select_indices(torch.tensor(keep, device=self.device))
-            mask, rows = mask[keep], [rows[i] for i in keep]
+            mask, rows = kvcache.select_rows(cache, mask, keep), [rows[i] for i in keep]
         self._merge(cache, mask, rows)
 
     def _merge(self, cache: Any, mask: torch.Tensor, rows: list[_Row]) -> None:
@@ -417,18 +415,7 @@ class Engine:
             self._trim()
             return
         assert self._mask is not None
-        width = max(self._mask.shape[1], mask.shape[1])
-
-        def pad(x: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            extra = width - x.shape[-dim_from_end]
-            if extra == 0:
-                return x
-            return torch.nn.functional.pad(x, (0, 0) * (dim_from_end - 1) + (extra, 0))
-
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([pad(old.keys, 2), pad(new.keys, 2)])
-            old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)])
-        self._mask = torch.cat([pad(self._mask, 1), pad(mask, 1)])
+        self._mask = kvcache.join(self._cache, self._mask, cache, mask)
         self._rows = self._rows + rows
 
     def _step(self) -> None:
@@ -494,17 +481,11 @@ class Engine:
             self._rows, self._cache, self._mask = [], None, None
             return
         assert self._mask is not None
-        self._cache.batch_select_indices(torch.tensor(keep, device=self.device))
-        self._mask = self._mask[keep]
+        self._mask = kvcache.select_rows(self._cache, self._mask, keep)
         self._rows = [self._rows[i] for i in keep]
         self._trim()
 
     def _trim(self) -> None:
-        """Drop leading cache columns that are padding for every live row."""
         assert self._mask is not None
-        first = int(self._mask.any(0).long().argmax())
-        if first > 0 and self._plain_cache:
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[..., first:, :]
-                layer.values = layer.values[..., first:, :]
-            self._mask = self._mask[:, first:]
+        if self._plain_cache:
+            self._mask = kvcache.trim(self._cache, self._mask)

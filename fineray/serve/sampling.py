@@ -89,26 +89,38 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
 class TextTracker:
     """Turns a growing token sequence into text deltas, cut at stop strings.
 
-    Text that may still change is held back: a trailing replacement character (an incomplete UTF-8 sequence
-    of a byte-level tokenizer) and any suffix that could be the start of a stop string.
+    Decoding is incremental (as in TGI/vLLM): only the tokens since the last complete character are decoded,
+    with the few tokens before them as context, so a step costs O(1) instead of re-decoding the whole
+    sequence. Text that may still change is held back: an incomplete UTF-8 sequence of a byte-level
+    tokenizer (decoded as a trailing replacement character) and any suffix that could start a stop string.
     """
 
     def __init__(self, tokenizer: Any, stops: list[str]):
         self.tok = tokenizer
         self.stops = [s for s in stops if s]
         self.ids: list[int] = []
+        self.text = ""  # decoded text of ids[:_read] (cut at a stop string once one is hit)
         self.emitted = 0  # characters already sent
-        self.text = ""
+        self._prefix = 0  # ids[_prefix:_read] are decoded again as context for the new tokens
+        self._read = 0
+        self._stopped = False
+
+    def _decode_new(self, final: bool = False) -> None:
+        prefix = self.tok.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        new = self.tok.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
+            self.text += new[len(prefix):]
+            self._prefix, self._read = self._read, len(self.ids)
 
     def add(self, token: int) -> tuple[str, bool]:
         """Append a token; return (new text to send, whether a stop string was hit)."""
         self.ids.append(token)
-        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self._decode_new()
         cut = self._first_stop()
         if cut is not None:
-            self.text = self.text[:cut]
+            self.text, self._stopped = self.text[:cut], True
             return self._advance(len(self.text)), True
-        safe = len(self.text.rstrip("\ufffd"))
+        safe = len(self.text)
         for s in self.stops:
             for k in range(min(len(s) - 1, safe), 0, -1):
                 if self.text[:safe].endswith(s[:k]):
@@ -117,7 +129,12 @@ class TextTracker:
         return self._advance(safe), False
 
     def flush(self) -> str:
-        """Everything not yet sent (at the end of the sequence)."""
+        """Everything not yet sent (at the end of the sequence), incomplete characters included."""
+        if self._read < len(self.ids) and not self._stopped:
+            self._decode_new(final=True)
+            cut = self._first_stop()
+            if cut is not None:
+                self.text = self.text[:cut]
         return self._advance(len(self.text))
 
     def _first_stop(self) -> int | None:

@@ -16,7 +16,9 @@ case for both padded and packed batches; h, i, kv = hidden, MLP and key/value wi
   activations   T x L x (18h + 6kv + 8i) bytes: the tensors autograd keeps per token and block for bf16
                 Llama-style blocks with flash/SDPA attention (RMSNorm fp32 copies, q/k/v, rotary outputs,
                 attention output, the four MLP tensors); x0.8 with regional compilation (fused norms and
-                SwiGLU keep fewer copies); LoRA dropout > 0 adds 3 x (6h + i) (dropped copies + masks);
+                SwiGLU keep fewer copies); x1.5 for QLoRA (PEFT's k-bit preparation upcasts the norms, so
+                the residual stream and most block tensors are fp32; fitted to one H200 measurement);
+                LoRA dropout > 0 adds 3 x (6h + i) (dropped copies + masks);
                 with activation checkpointing: T x L x 2h (block inputs) + one block's activations
   logits        plain loss: T x V x 14 (bf16 logits, fp32 copy, log-softmax, its gradient);
                 chunked loss: chunk x V x 10 + T x h x 2
@@ -293,6 +295,8 @@ def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> M
     per_block = (18 * h + 6 * kv + 8 * i) * (wb / 2)
     if compile_on:
         per_block *= 0.8
+    if cfg.method == "qlora":
+        per_block *= 1.5  # PEFT's k-bit preparation makes the norms fp32: an fp32 residual stream
     if cfg.lora.dropout > 0 and cfg.method != "full":
         per_block += 3 * (6 * h + i)
     if ckpt:

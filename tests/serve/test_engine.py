@@ -204,3 +204,17 @@ def test_ranks_target_sets_and_scaling_variants_match_peft(engine, prompts, peft
     assert got[0].token_ids == expected
     assert got[1].token_ids == peft_reference("alpha", prompts[1], 12)
     engine.unload_adapter("wide@v1")
+
+
+def test_incremental_text_equals_full_decode(tiny_tok):
+    # Prepare: arbitrary ids, many of them partial UTF-8 byte sequences of the byte-level tokenizer
+    import random
+
+    rng = random.Random(3)
+    for _ in range(20):
+        ids = [rng.randrange(3, len(tiny_tok)) for _ in range(40)]
+        tracker = TextTracker(tiny_tok, [])
+        # Execute
+        streamed = "".join(tracker.add(t)[0] for t in ids) + tracker.flush()
+        # Assert
+        assert streamed == tiny_tok.decode(ids, skip_special_tokens=True)

@@ -183,7 +183,7 @@ def test_eval_metric_of_the_best_adapter(sweep: dict[str, Any]) -> None:
                                              "eval.max_new_tokens=8", "eval.general_text=null"])
     adapter = AdapterRegistry(str(sweep["root"] / "adapters")).local_path(res.registry_ref)
     # Execute
-    metrics = evaluate_adapter(cfg, adapter, threads=1)
+    metrics = evaluate_adapter(cfg, adapter)
     # Assert
     assert 0.0 <= metrics["field_accuracy"] <= 1.0 and 0.0 <= metrics["json_valid"] <= 1.0
     assert metrics["perplexity"] > 1.0
