@@ -146,7 +146,7 @@ def main() -> None:
             if shape is not None:
                 row["estimate_gib"] = round(estimate_memory(cfg, shape).total_gib, 2)
             if not run.startswith("ddp"):
-                first = sorted(res.best_checkpoints, key=lambda c: c[1]["step"])[0]
+                first = min(res.best_checkpoints, key=lambda c: c[1]["step"])
                 row["resume_from_step"] = first[1]["step"]
                 with first[0].as_directory() as d:
                     row["checkpoint_files"] = sorted(str(p.relative_to(d)) for p in Path(d).rglob("*")

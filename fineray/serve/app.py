@@ -12,11 +12,12 @@
         import_path: fineray.serve.app:build_app
         args: {registry: "s3://bucket/adapters", base: "embedded:smollm2-135m-instruct", config: /etc/fineray/serve.yaml}
 
-Mixed-adapter batching: Ray Serve 2.60's `@serve.batch` splits a batch by multiplexed model id, which
-would give one forward pass per adapter. The model deployment clears the id from the request context
-just for the batched admission call (it has already used the id to load the adapter), so requests for
-different adapters are admitted together and share forward passes. If that private context API changes,
-batches silently fall back to one adapter each (still correct).
+Mixed-adapter batching: `@serve.batch` groups concurrent requests into one admission (one prefill forward
+pass), and the engine's iteration-level batching shares every decode step between all running requests,
+whatever their adapters. Ray Serve 2.60's `@serve.batch` splits a batch by multiplexed model id, so the
+model deployment clears the id from the request context just for the batched admission call (it has
+already used the id to load the adapter). If that private context API changes, admissions fall back to
+one group per adapter; decode steps are still shared.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real `Request` annotations on the ingress
@@ -268,6 +269,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(error_body(f"{exc.detail}: {request.method} {request.url.path}", code=code),
                         status_code=exc.status_code)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body(f"The server had an error processing your request ({type(exc).__name__}).",
+                                   "server_error", code="internal_error"), status_code=500)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)

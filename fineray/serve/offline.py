@@ -111,7 +111,7 @@ def generate_offline(model_ref: str | None, input_path: str | Path, output_path:
     """
     import ray
 
-    from fineray.cluster.connect import ray_cluster
+    from fineray.serve._ray import init_ray
     from fineray.train.registry import AdapterRegistry
 
     t0 = time.perf_counter()
@@ -132,14 +132,16 @@ def generate_offline(model_ref: str | None, input_path: str | Path, output_path:
     outp.parent.mkdir(parents=True, exist_ok=True)
     tmp = outp.with_name(outp.name + ".partial")
     # Workers hold their CPUs for the whole run; one more CPU keeps Ray Data's own tasks schedulable.
-    with ray_cluster(address, num_cpus or num_workers * (0 if use_gpu else threads_per_worker) + 1):
+    started = init_ray(address, num_cpus or num_workers * (0 if use_gpu else threads_per_worker) + 1)
+    try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # output lines in input order
         # Lines go in from the driver as blocks of ~batch_size records, so every worker gets batches
         # (a single file read by `read_text` is one block, and its read task competes with the actors).
         ds = ray.data.from_items([{"text": line} for line in lines],
                                  override_num_blocks=max(1, min(math.ceil(len(lines) / batch_size), 1000)))
-        ds = ds.map_batches(BatchGenerator, batch_size=batch_size, concurrency=num_workers,
+        ds = ds.map_batches(BatchGenerator, batch_size=batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=num_workers),
                             num_cpus=0 if use_gpu else threads_per_worker, num_gpus=1 if use_gpu else 0,
                             fn_constructor_kwargs={"base": base, "adapter_path": adapter_path,
                                                    "adapter_ref": adapter_ref, "defaults": defaults,
@@ -153,6 +155,9 @@ def generate_offline(model_ref: str | None, input_path: str | Path, output_path:
                 stats["errors"] += "error" in rec
                 stats["completion_tokens"] += (rec.get("usage") or {}).get("completion_tokens", 0)
                 f.write(row["text"] + "\n")
+    finally:
+        if started:
+            ray.shutdown()
     tmp.replace(outp)
     wall = time.perf_counter() - t0
     return {**stats, "wall_s": round(wall, 2), "tokens_per_s": round(stats["completion_tokens"] / wall, 1),

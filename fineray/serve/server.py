@@ -9,7 +9,6 @@ the private Ray instance this process started.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -82,9 +81,9 @@ def run_server(cfg: ServeConfig, *, blocking: bool = True, ready_timeout_s: floa
     Raises:
         ConfigError: invalid API keys; RuntimeError: the application failed to start.
     """
-    import ray
     from ray import serve
 
+    from fineray.serve._ray import init_ray
     from fineray.serve.app import APP_NAME, build_application
     from fineray.serve.auth import KeyStore
 
@@ -92,24 +91,7 @@ def run_server(cfg: ServeConfig, *, blocking: bool = True, ready_timeout_s: floa
     host, warning = bind_host(cfg, keys.enabled)
     if warning:
         log.warning(warning)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    started = False
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            for attempt in (1, 2):  # a raylet has 30 s to register; on an overloaded machine try once more
-                try:
-                    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                             logging_level=logging.WARNING)
-                    break
-                except Exception as e:  # Ray raises a bare Exception for this
-                    if attempt == 2 or "timed out during startup" not in str(e):
-                        raise
-                    log.warning("Ray did not start in time; retrying once")
-                    ray.shutdown()
-        started = True
+    started = init_ray(cfg.ray.address, cfg.ray.num_cpus)
     handle = ServerHandle(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{cfg.port}", host,
                           cfg.port, started, [warning] if warning else [])
     try:

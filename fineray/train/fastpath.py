@@ -21,11 +21,16 @@ import torch
 
 from fineray.train.batches import collate
 from fineray.train.fused_loss import LossHead
-from fineray.train.packing import (PACKED_ATTENTION, pack_documents, packed_model_inputs,
-                                   register_packed_attention, varlen_available)
+from fineray.train.packing import (
+    PACKED_ATTENTION,
+    pack_documents,
+    packed_model_inputs,
+    register_packed_attention,
+    varlen_available,
+)
 from fineray.train.templates import IGNORE_INDEX, Tokenized
 
-__all__ = ["FastPath", "resolve_fast", "apply_fast_path", "make_batch", "forward_loss", "decoder_layers"]
+__all__ = ["FastPath", "apply_fast_path", "decoder_layers", "forward_loss", "make_batch", "resolve_fast"]
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 
 from fineray.train.templates import IGNORE_INDEX
 
-__all__ = ["chunked_cross_entropy", "LossHead", "default_chunk_tokens"]
+__all__ = ["LossHead", "chunked_cross_entropy", "default_chunk_tokens"]
 
 
 def default_chunk_tokens(vocab: int, budget_bytes: int = 1 << 30) -> int:

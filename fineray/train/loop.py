@@ -27,7 +27,7 @@ from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
 from fineray.train.templates import Tokenized, tokenize_all
 
-__all__ = ["train_loop", "ray_worker_entry", "build_data", "evaluate_loss", "forward_loss", "make_scheduler"]
+__all__ = ["build_data", "evaluate_loss", "forward_loss", "make_scheduler", "ray_worker_entry", "train_loop"]
 
 
 def build_data(cfg: RunConfig, tokenizer: Any, stats: dict[str, int] | None = None
@@ -132,7 +132,8 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
               + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
 
     def write_ckpt(target: Path) -> None:
-        strategy.save(target, model, optimizer, scheduler, state, final=state.step >= total_steps or bool(stop_reason))
+        final = state.step >= total_steps or bool(stop_reason)  # sharded strategies consolidate the weights
+        strategy.save(target, model, optimizer, scheduler, state, final=final)
 
     # ---------------------------------------------------------------- loop
     stream = epoch_batches(train_data, tcfg.batch_size, session.rank, world, tcfg.seed,

@@ -23,8 +23,14 @@ import torch
 
 from fineray.train.templates import IGNORE_INDEX, Tokenized
 
-__all__ = ["pack_documents", "document_mask", "register_packed_attention", "packed_model_inputs",
-           "varlen_available", "PACKED_ATTENTION"]
+__all__ = [
+    "PACKED_ATTENTION",
+    "document_mask",
+    "pack_documents",
+    "packed_model_inputs",
+    "register_packed_attention",
+    "varlen_available",
+]
 
 PACKED_ATTENTION = {"varlen": "fineray_varlen", "flex": "fineray_flex", "sdpa": "fineray_sdpa"}
 

@@ -37,8 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelShape", "Finding", "MemoryEstimate", "Plan", "model_shape", "check_rules", "estimate_memory",
-           "plan_run", "format_plan", "KNOWN_SHAPES"]
+__all__ = [
+    "KNOWN_SHAPES",
+    "Finding",
+    "MemoryEstimate",
+    "ModelShape",
+    "Plan",
+    "check_rules",
+    "estimate_memory",
+    "format_plan",
+    "model_shape",
+    "plan_run",
+]
 
 GiB = 1024**3
 
@@ -57,7 +67,7 @@ class ModelShape:
     tied: bool = False
 
     @classmethod
-    def from_config(cls, c: dict[str, Any]) -> "ModelShape":
+    def from_config(cls, c: dict[str, Any]) -> ModelShape:
         heads = c["num_attention_heads"]
         return cls(layers=c["num_hidden_layers"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
                    vocab=c["vocab_size"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
@@ -372,8 +382,8 @@ def plan_run(cfg: Any, gpu_memory_gib: float | None = None, tokens: int | None =
 def format_plan(plan: Plan) -> str:
     """Human-readable plan (plain text; no markup)."""
     s = plan.summary
-    lines = [f"plan: {s.get('model')} method={s.get('method')} strategy={s.get('strategy')} "
-             f"workers={s.get('workers')} gpu={s.get('gpu')}"]
+    lines = [(f"plan: {s.get('model')} method={s.get('method')} strategy={s.get('strategy')} "
+             f"workers={s.get('workers')} gpu={s.get('gpu')}")]
     if "params" in s:
         size = f"{s['params'] / 1e9:.2f} B" if s["params"] >= 1e8 else f"{s['params'] / 1e6:.2f} M"
         lines.append(f"  model: {size} params; {s['tokens_per_micro_batch']:,} tokens per "

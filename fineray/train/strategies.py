@@ -21,16 +21,27 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from fineray.train.checkpoint import LoopState, load_checkpoint, save_checkpoint, unwrap, write_jsonl
 
-__all__ = ["Strategy", "DDPStrategy", "FSDPStrategy", "DeepSpeedStrategy", "make_strategy", "build_optimizer",
-           "deepspeed_config", "fsdp_units", "consolidate_checkpoint", "ensure_process_group"]
+__all__ = [
+    "DDPStrategy",
+    "DeepSpeedStrategy",
+    "FSDPStrategy",
+    "Strategy",
+    "build_optimizer",
+    "consolidate_checkpoint",
+    "deepspeed_config",
+    "ensure_process_group",
+    "fsdp_units",
+    "make_strategy",
+]
 
 
 def build_optimizer(cfg: Any, params: list[torch.nn.Parameter], use_gpu: bool) -> torch.optim.Optimizer:
@@ -113,7 +124,10 @@ class Strategy:
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Wrap the model for data parallelism and build the optimizer over its trainable parameters."""
         model = self.session.prepare_model(model)
-        return model, build_optimizer(self.cfg, self.trainable(model), self.use_gpu)
+        self.params = self.trainable(model)
+        return model, build_optimizer(self.cfg, self.params, self.use_gpu)
+
+    params: list[torch.nn.Parameter] | None = None
 
     @staticmethod
     def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -128,7 +142,7 @@ class Strategy:
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None) -> float:
         """Clip, step, zero the grads; returns the pre-clip global gradient norm."""
-        params = self.trainable(model)
+        params = self.params if self.params is not None else self.trainable(model)
         if scaler:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip or float("inf"))
@@ -234,7 +248,8 @@ class FSDPStrategy(Strategy):
             for name, buf in mod._buffers.items():
                 if buf is not None and buf.device != dev:
                     mod._buffers[name] = buf.to(dev)
-        return model, build_optimizer(self.cfg, self.trainable(model), self.use_gpu)
+        self.params = self.trainable(model)
+        return model, build_optimizer(self.cfg, self.params, self.use_gpu)
 
     def no_sync(self, model: torch.nn.Module, sync: bool) -> Any:
         model.set_requires_gradient_sync(sync)

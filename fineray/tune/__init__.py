@@ -8,8 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["run_sweep", "resume_sweep", "SweepResult", "SweepError", "print_sweep", "TuneConfig",
-           "parse_tune_config", "validate_search_space"]
+__all__ = [
+    "SweepError",
+    "SweepResult",
+    "TuneConfig",
+    "parse_tune_config",
+    "print_sweep",
+    "resume_sweep",
+    "run_sweep",
+    "validate_search_space",
+]
 
 _WHERE = {"run_sweep": "sweep", "resume_sweep": "sweep", "SweepError": "sweep", "SweepResult": "report",
           "print_sweep": "report", "TuneConfig": "config", "parse_tune_config": "config",

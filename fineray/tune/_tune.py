@@ -14,7 +14,7 @@ from typing import Any
 import ray.tune
 from ray.tune.search.optuna import OptunaSearch
 
-__all__ = ["LIVE", "SweepCallback", "Searcher", "trial_dirname", "trial_record"]
+__all__ = ["LIVE", "Searcher", "SweepCallback", "trial_dirname", "trial_record"]
 
 # sweep id -> object with `finished(record)`, `retrying(trial_id, failures)` and `tick()` (sweep._Reporter).
 LIVE: dict[str, Any] = {}

@@ -26,8 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fineray.train.config import ConfigError, RunConfig, apply_overrides, validate_config
 
-__all__ = ["TRAINING_METRICS", "Distribution", "SchedulerConfig", "TuneConfig", "parse_distribution",
-           "parse_tune_config", "validate_search_space", "base_point"]
+__all__ = [
+    "TRAINING_METRICS",
+    "Distribution",
+    "SchedulerConfig",
+    "TuneConfig",
+    "base_point",
+    "parse_distribution",
+    "parse_tune_config",
+    "validate_search_space",
+]
 
 # Metrics the training loop itself reports at every eval (usable by ASHA / median stopping). Anything else
 # (e.g. field_accuracy, rouge_l) comes from the held-out evaluation each trial runs after training.
@@ -102,7 +110,7 @@ class TuneConfig(_Section):
     plots: bool = True
 
     @model_validator(mode="after")
-    def _metric_mode(self) -> "TuneConfig":
+    def _metric_mode(self) -> TuneConfig:
         metrics, modes = self.metrics, self.modes
         if len(metrics) != len(modes):
             raise ValueError(f"metric has {len(metrics)} entries but mode has {len(modes)}")
@@ -179,7 +187,7 @@ class Distribution(BaseModel):
             return self.args[0]
         lo, hi = self.args[0], self.args[1]
         out = min(max(value, lo), hi) if isinstance(value, (int, float)) else lo
-        return int(round(out)) if self.kind == "randint" else float(out)
+        return round(out) if self.kind == "randint" else float(out)
 
     def to_optuna(self) -> Any:
         import optuna.distributions as od

@@ -3,6 +3,7 @@ adapter, optimisation plots, and the printed table."""
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import tempfile
@@ -17,8 +18,19 @@ from fineray.cluster import storage
 from fineray.tune.config import Distribution, TuneConfig
 from fineray.tune.trainable import LOOP_DONE, trial_config, weights_dir
 
-__all__ = ["SweepResult", "trial_records", "pick_best", "pareto_front", "write_best_config", "register_best",
-           "write_plots", "print_sweep", "default_registry_name"]
+__all__ = [
+    "SweepResult",
+    "default_registry_name",
+    "pareto_front",
+    "pick_best",
+    "print_sweep",
+    "register_best",
+    "trial_records",
+    "write_best_config",
+    "write_plots",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -197,11 +209,12 @@ def _importances(study: Any, target: Any) -> dict[str, float]:
     from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 
     try:
-        imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), target=target)
-        if imp and sum(imp.values()) > 0:
-            return dict(imp)
-    except Exception:  # noqa: BLE001 - PED-ANOVA needs enough trials above its quantile
-        pass
+        imp = dict(get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), target=target))
+    except Exception as e:  # noqa: BLE001 - PED-ANOVA needs enough trials above its quantile
+        log.debug("PED-ANOVA importances unavailable (%s); using rank correlation", e)
+        imp = {}
+    if imp and sum(imp.values()) > 0:
+        return imp
     done = [t for t in study.trials if t.values is not None]
     y = np.array([target(t) for t in done], dtype=float)
     out = {}
@@ -268,8 +281,14 @@ def write_plots(records: list[dict[str, Any]], space: dict[str, Distribution], m
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.3g}" if abs(v) < 0.01 else f"{v:.4g}"
     return "-" if v is None else str(v)
+
+
+def _status(r: dict[str, Any]) -> str:
+    if r["status"] != "TERMINATED":
+        return r["status"]
+    return "diverged" if r.get("stop_reason") == "diverged" else "ok"
 
 
 def print_sweep(result: SweepResult, console: Any) -> None:
@@ -277,19 +296,22 @@ def print_sweep(result: SweepResult, console: Any) -> None:
     from rich.table import Table
 
     keys = list(result.trials[0]["params"]) if result.trials else []
-    t = Table(title=f"sweep {result.name}: {len(result.trials)} trials")
-    for col in ("trial", *keys, *result.metrics, "step", "iters", "status", "early-stopped"):
-        t.add_column(col, justify="right" if col not in ("trial", "status") else "left")
+    short = [k.split(".")[-1] for k in keys]
+    heads = short if len(set(short)) == len(short) else keys  # `lr`, `r`, ... unless two keys share a leaf
+    t = Table(title=f"sweep {result.name}: {len(result.trials)} trials (* = best)")
+    for col in ("trial", *heads, *result.metrics, "step", "iters", "status", "early stop"):
+        t.add_column(col, justify="left" if col in ("trial", "status") else "right", no_wrap=col == "trial")
     best_ids = {r["trial_id"] for r in result.pareto} | ({result.best["trial_id"]} if result.best else set())
     for r in result.trials:
         mark = "*" if r["trial_id"] in best_ids else ""
         t.add_row(r["trial_id"] + mark, *[_fmt(r["params"].get(k)) for k in keys],
                   *[_fmt(r["metrics"].get(m)) for m in result.metrics], _fmt(r["step"]), _fmt(r["iterations"]),
-                  r["status"], "yes" if r["early_stopped"] else "no")
+                  _status(r), "yes" if r["early_stopped"] else "no")
     console.print(t)
     if result.best:
         score = ", ".join(f"{m}={_fmt(result.best['metrics'].get(m))}" for m in result.metrics)
-        console.print(f"best trial {result.best['trial_id']}: {score}  params {result.best['params']}")
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in result.best["params"].items())
+        console.print(f"best trial {result.best['trial_id']}: {score}  ({params})", highlight=False)
     if len(result.metrics) > 1:
         console.print("Pareto front: " + ", ".join(r["trial_id"] for r in result.pareto))
     if result.best_config_path:

@@ -17,7 +17,7 @@ from typing import Any
 
 from fineray.cluster import storage
 
-__all__ = ["state_files", "damaged", "snapshot", "repair", "StateDamaged"]
+__all__ = ["StateDamaged", "damaged", "repair", "snapshot", "state_files"]
 
 log = logging.getLogger(__name__)
 _STATE = re.compile(r"^(tuner\.pkl|experiment_state-.+\.json|search_gen_state-.+\.json|searcher-state-.+\.pkl)$")

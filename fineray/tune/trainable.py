@@ -25,7 +25,7 @@ from typing import Any
 from fineray.cluster import storage
 from fineray.train.config import RunConfig, validate_config
 
-__all__ = ["trial_config", "run_trial", "evaluate_adapter", "trial_uri", "weights_dir", "LOOP_DONE"]
+__all__ = ["LOOP_DONE", "append_line", "evaluate_adapter", "run_trial", "trial_config", "trial_uri", "weights_dir"]
 
 # The loop reports `done`; Tune reads a `done` key as "this trial is finished" and would stop the trial
 # before `fit()` returns (no final eval, no final.json), so it is forwarded to Tune under this name.
@@ -130,7 +130,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_uri: str, k
     params = {k: config[k] for k in keys}
     uri = trial_uri(sweep_uri, trial_id)
     fs, path = storage.open_fs(uri)
-    _append(fs, f"{path}/attempts.jsonl", {"time": time.time(), "pid": os.getpid(),
+    append_line(fs, f"{path}/attempts.jsonl", {"time": time.time(), "pid": os.getpid(),
                                            "host": socket.gethostname(), "params": params})
     if storage.exists(fs, f"{path}/final.json"):  # finished before the sweep driver died: report, do not retrain
         ray.tune.report(json.loads(storage.read_bytes(fs, f"{path}/final.json")))
@@ -140,11 +140,15 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_uri: str, k
     trainer = make_trainer(cfg, Path(path), storage_path=uri if remote else None, callbacks=[_report_callback()])
     try:
         result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; Tune records the message
+    except Exception as e:
         raise TrainingError(f"trial {trial_id} failed: {_root_cause(e)}") from e
     final = _scalar_metrics(dict(result.metrics or {}))
     if final.get("stop_reason") == "diverged":
-        raise TrainingError(f"trial {trial_id} diverged (loss NaN/Inf at step {final.get('step')})")
+        # A bad configuration (e.g. too high a learning rate), not a failure to retry: the trial ends without
+        # an objective value, Optuna records it as pruned and the table shows it as diverged.
+        storage.atomic_write_bytes(fs, f"{path}/final.json", json.dumps(final, default=str).encode())
+        ray.tune.report(final)
+        return
     if result.checkpoint is None:
         raise TrainingError(f"trial {trial_id} produced no checkpoint")
     final["checkpoint_path"] = result.checkpoint.path
@@ -158,6 +162,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_uri: str, k
     ray.tune.report(final)
 
 
-def _append(fs: Any, path: str, row: dict[str, Any]) -> None:
+def append_line(fs: Any, path: str, row: dict[str, Any]) -> None:
+    """Append one JSON line to a (local or remote) file by rewriting it atomically (files here are small)."""
     old = storage.read_bytes(fs, path) if storage.exists(fs, path) else b""
     storage.atomic_write_bytes(fs, path, old + (json.dumps(row, default=str) + "\n").encode())

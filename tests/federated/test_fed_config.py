@@ -65,3 +65,24 @@ def test_section_read_from_run_config_with_relative_silo_paths(tmp_path):
     assert f.silos[0].data == str(tmp_path / "silo.jsonl") and f.rounds == 2
     with pytest.raises(ConfigError, match="federated section is missing"):
         federated_config(load_config(None))
+
+
+def test_coordinator_refuses_to_serve_without_tls_or_authentication(tmp_path):
+    # Prepare
+    from fineray.federated import run_coordinator
+    from fineray.federated.server import load_tokens
+
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    cfg.federated = _section()
+    (tmp_path / "tokens.yaml").write_text("acme: s3cret\nglobex: other\n")
+    (tmp_path / "bad.yaml").write_text("acme: 3\n")
+    # Execute / Assert
+    assert load_tokens(tmp_path / "tokens.yaml") == {"acme": "s3cret", "globex": "other"}
+    with pytest.raises(ConfigError, match="mapping of silo name"):
+        load_tokens(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="HTTPS only"):
+        run_coordinator(cfg, "127.0.0.1", 0, None, None, None, {"acme": "x"})
+    with pytest.raises(ConfigError, match="without authentication"):
+        run_coordinator(cfg, "127.0.0.1", 0, "c.pem", "k.pem", None, None)
+    with pytest.raises(ConfigError, match="not in federated.silos"):
+        run_coordinator(cfg, "127.0.0.1", 0, "c.pem", "k.pem", None, {"mallory": "x"})

@@ -45,7 +45,7 @@ def tiny_lora():
     from fineray.train.model import load_for_training
 
     cfg = load_config(None, ["model.base=tiny:llama", "lora.r=4", "lora.dropout=0"])
-    tok, model = load_for_training(cfg)
+    _tok, model = load_for_training(cfg)
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)  # non-zero B: gradients reach every LoRA matrix

@@ -8,8 +8,15 @@ import torch
 
 from fineray.train.config import load_config
 from fineray.train.session import LocalSession
-from fineray.train.strategies import (DeepSpeedStrategy, FSDPStrategy, Strategy, consolidate_checkpoint,
-                                      deepspeed_config, fsdp_units, make_strategy)
+from fineray.train.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    Strategy,
+    consolidate_checkpoint,
+    deepspeed_config,
+    fsdp_units,
+    make_strategy,
+)
 
 BASE = ["model.base=tiny:llama", "train.batch_size=4", "train.lr=3e-3", "data.validation=null", "lora.r=4",
         "lora.dropout=0", "data.max_examples=64", "train.scheduler=constant", "train.warmup_ratio=0"]
@@ -139,7 +146,7 @@ def test_two_workers_sharded_training_resumes_at_the_saved_step(ray2, strategy):
     res = _ray_fit(cfg, ray2 / strategy)
     hist = _history(res)
     assert [r["step"] for r in hist] == [1, 2, 3, 4] and hist[-1]["train_loss"] < hist[0]["train_loss"]
-    first = sorted(res.best_checkpoints, key=lambda c: c[1]["step"])[0]
+    first = min(res.best_checkpoints, key=lambda c: c[1]["step"])
     assert first[1]["step"] == 2
     with first[0].as_directory() as d:
         names = {p.name for p in Path(d).rglob("*") if p.is_file()}

@@ -11,7 +11,13 @@ import pytest
 import yaml
 
 from fineray.train.config import ConfigError, RunConfig, load_config
-from fineray.tune.config import TuneConfig, base_point, parse_distribution, parse_tune_config, validate_search_space
+from fineray.tune.config import (
+    TuneConfig,
+    base_point,
+    parse_distribution,
+    parse_tune_config,
+    validate_search_space,
+)
 from fineray.tune.report import pick_best, write_best_config, write_plots
 from fineray.tune.sweep import check_objectives, run_sweep, trial_resources
 from fineray.tune.trainable import trial_config

@@ -73,19 +73,18 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (root / "driver.py").write_text(DRIVER)
     sweep_dir = root / "runs" / "sw"
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    log = open(root / "driver.log", "w")
-    proc = subprocess.Popen([sys.executable, str(root / "driver.py"), str(root / "sweep.yaml")], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 480
-        while not _lines(sweep_dir / "trials.jsonl"):
-            assert proc.poll() is None, (root / "driver.log").read_text()[-3000:]
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(0.5)
-        time.sleep(5)  # > Tune's save period (1 s) and the driver's snapshot period (3 s)
-    finally:
-        _kill_group(proc)
-        log.close()
+    with open(root / "driver.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(root / "driver.py"), str(root / "sweep.yaml")], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 480
+            while not _lines(sweep_dir / "trials.jsonl"):
+                assert proc.poll() is None, (root / "driver.log").read_text()[-3000:]
+                assert time.time() < deadline, "no trial finished in time"
+                time.sleep(0.5)
+            time.sleep(5)  # > Tune's save period (1 s) and the driver's snapshot period (3 s)
+        finally:
+            _kill_group(proc)
     killed_at = time.time()
     # trials whose driver wrote final.json (training done) before the kill
     trained = {p.parent.name for p in (sweep_dir / "trials").glob("*/final.json")}
