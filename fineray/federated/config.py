@@ -22,11 +22,11 @@ from fineray.federated.strategies import STRATEGIES, get_strategy
 from fineray.train.config import ConfigError, RunConfig
 
 __all__ = [
+    "STRATEGY_OPTIONS",
     "DPSettings",
     "FederatedConfig",
     "SecAggSettings",
     "SiloSpec",
-    "STRATEGY_OPTIONS",
     "federated_config",
 ]
 
@@ -181,7 +181,7 @@ class FederatedConfig(_Section):
             raise ValueError(f"unknown strategy {v!r}; known: {sorted(STRATEGIES)}") from None
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "FederatedConfig":
+    def _cross_checks(self) -> FederatedConfig:
         names = [s.name for s in self.silos]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -267,10 +267,10 @@ def _make_handler(coord: Coordinator, tokens: dict[str, str] | None, mtls: bool)
                 return self._send(200, {"status": status})
             return self._send(200, {"status": fed.submit_masked(silo, rno, attempt, self._body())})
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        def do_GET(self) -> None:
             self._route("GET")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self._route("POST")
 
     return Handler

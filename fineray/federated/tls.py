@@ -47,7 +47,7 @@ def generate_pki(out_dir: str | Path, silos: list[str], hosts: tuple[str, ...] =
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     until = now + dt.timedelta(days=days)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (x509.CertificateBuilder().subject_name(_name("fineray federation CA")).issuer_name(_name("fineray federation CA"))

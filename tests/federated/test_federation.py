@@ -286,7 +286,7 @@ def test_exact_strategies_fold_a_residual_and_heterogeneous_ranks_round_trip(tmp
         exact = s * 0.5 * (ua[b_k] @ ua[a_k] + ub[b_k] @ ub[a_k])
         rb, ra = fedex.residual[prefix]
         torch.testing.assert_close(rb @ ra + s * fedex.adapter[b_k] @ fedex.adapter[a_k], exact, atol=1e-5, rtol=1e-5)
-    exported, ex_cfg = fedex.export()
+    _, ex_cfg = fedex.export()
     assert fedex_row["status"] == "ok" and fedex.residual_blob() is not None and ex_cfg["r"] > 4
     assert small_cfg["r"] == 2 and small_t[f"{PREFIXES[0]}.lora_A.weight"].shape == (2, 16)
     assert answers == ["accepted"] * 3 and flex_row["status"] == "ok"
