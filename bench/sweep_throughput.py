@@ -102,7 +102,9 @@ def main() -> None:
         t.add_column(col)
     for r in rows:
         t.add_row(*[str(v) for v in r.values()])
-    Console().print(t)
+    console = Console()
+    console.width = max(console.width, 150)  # the full table also when the output is a file
+    console.print(t)
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
