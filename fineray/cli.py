@@ -148,7 +148,10 @@ def plan(config: Path = typer.Argument(...), overrides: Optional[list[str]] = ty
     cfg = _load(config, list(overrides or []))
     from fineray.train.preflight import format_plan, plan_run
 
-    console.print(format_plan(plan_run(cfg, gpu_memory_gib=gpu_memory_gib)))
+    plan_ = plan_run(cfg, gpu_memory_gib=gpu_memory_gib)
+    console.print(format_plan(plan_))
+    if not plan_.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

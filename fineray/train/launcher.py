@@ -164,6 +164,11 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
     from fineray.train.model import resolve_base
 
     load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named) before any worker starts
+    from fineray.train.preflight import format_plan, plan_run
+
+    plan = plan_run(cfg)  # known-bad combinations and the memory estimate, before any GPU is allocated
+    if not plan.ok:
+        raise TrainingError(format_plan(plan))
     resolve_base(cfg.model.base)  # convert/cache the embedded model once here, not in every worker
     remote = storage.is_remote(cfg.output.dir)
     ray_storage = storage.join(cfg.output.dir, cfg.output.name) if remote else None
