@@ -22,7 +22,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fineray.train.config import ConfigError, RunConfig, apply_overrides, validate_config
 
@@ -108,6 +108,30 @@ class TuneConfig(_Section):
     register_adapter: bool = True
     registry_name: str | None = None
     plots: bool = True
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _flatten(cls, v: Any) -> Any:
+        """Accept nested keys too (`train: {lr: {...}}`, what `tune.search_space.train.lr=...` overrides
+        produce) as dotted ones; a later entry for the same key wins."""
+        if not isinstance(v, dict):
+            return v
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: dict[str, Any]) -> None:
+            for k, val in node.items():
+                key = f"{prefix}.{k}" if prefix else str(k)
+                # a section: {leaf: {dist: args}, ...} with no distribution names among its keys
+                section = (isinstance(val, dict) and val and not set(val) & set(_ARITY)
+                           and all(isinstance(x, dict) for x in val.values()))
+                if section:
+                    walk(key, val)
+                else:
+                    out.pop(key, None)
+                    out[key] = val
+
+        walk("", v)
+        return out
 
     @model_validator(mode="after")
     def _metric_mode(self) -> TuneConfig:
@@ -214,6 +238,15 @@ def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _to_num(x: Any) -> Any:
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return x
+    return x
+
+
 def parse_distribution(key: str, spec: Any) -> Distribution:
     """Check one `key: {kind: args}` entry (type, arity, bounds) and parse it."""
     where = f"tune.search_space.{key}"
@@ -239,6 +272,8 @@ def parse_distribution(key: str, spec: Any) -> Distribution:
     if len(args) != arity:
         raise ConfigError(f"{where}: {kind} takes {arity} numbers "
                           f"({'[low, high, q]' if arity == 3 else '[low, high]'}), got {len(args)}: {args!r}")
+    # PyYAML reads `1e-5` (no dot) as a string; accept numeric strings in numeric distributions.
+    args = [_to_num(a) for a in args]
     if not all(_num(a) for a in args):
         raise ConfigError(f"{where}: {kind} arguments must be finite numbers, got {args!r}")
     lo, hi = args[0], args[1]

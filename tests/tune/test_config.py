@@ -206,6 +206,17 @@ def test_plots_for_two_objectives(tmp_path: Path) -> None:
     assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
+def test_yaml_string_numbers_and_nested_override_keys_are_accepted() -> None:
+    # Prepare: PyYAML reads `1e-5` as a string; CLI overrides give nested keys
+    cfg = load_config(None, ["model.base=tiny:llama", "tune.search_space.train.lr={loguniform: [1e-5, 1e-3]}",
+                             "tune.search_space.lora.r={choice: [4, 8]}", "tune.num_samples=3"])
+    # Execute
+    space = validate_search_space(cfg)
+    # Assert
+    assert space["train.lr"].args == [1e-5, 1e-3] and space["lora.r"].args == [4, 8]
+    assert parse_tune_config(cfg).num_samples == 3
+
+
 def test_parse_distribution_choice_accepts_strings_and_bools() -> None:
     # Execute
     d = parse_distribution("train.scheduler", {"choice": ["cosine", "linear"]})
