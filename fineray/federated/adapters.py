@@ -42,6 +42,7 @@ __all__ = [
     "load_adapter_model",
     "lora_scaling",
     "merge_residual",
+    "quiet_hf",
     "read_adapter_dir",
     "residual_from_tensors",
     "residual_to_tensors",
@@ -56,6 +57,14 @@ Residual = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 _WEIGHTS = "adapter_model.safetensors"
 _CONFIG = "adapter_config.json"
+
+
+def quiet_hf() -> None:
+    """No per-load "Loading weights" progress bars (a federation loads the base many times per round)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def lora_scaling(config: Mapping[str, Any], r: int | None = None) -> float:
@@ -115,6 +124,7 @@ def initial_adapter(run_cfg: Any, seed: int, rank: int | None = None) -> tuple[d
     from fineray.train.checkpoint import save_weights
     from fineray.train.model import load_for_training
 
+    quiet_hf()
     cfg = run_cfg.model_copy(deep=True)
     cfg.method = "lora"  # same keys and shapes as QLoRA, and loadable without a GPU
     cfg.model.dtype = "float32"
@@ -249,6 +259,7 @@ def load_adapter_model(run_cfg: Any, adapter_dir: str | Path, residual: Residual
 
     from fineray.train.model import load_base_model, load_tokenizer, resolve_base
 
+    quiet_hf()
     path = resolve_base(run_cfg.model.base)
     tok = load_tokenizer(run_cfg.model, path)
     method = "lora" if run_cfg.method == "qlora" and device == "cpu" else run_cfg.method

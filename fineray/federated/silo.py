@@ -142,10 +142,7 @@ class SiloWorker:
         if threads:
             torch.set_num_threads(threads)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load clutters the round logs
+        ad.quiet_hf()
         self.train_path, self.val_path = split_silo_data(data, validation, self.work_dir / "data",
                                                          self.run_cfg.train.seed)
         from fineray.train.data import read_records

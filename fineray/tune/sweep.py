@@ -113,6 +113,39 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _kill_half_started(port: int) -> None:
+    """A failed `ray.init` leaves the processes it started (GCS, dashboard, ...) running: end those of this
+    process's children that belong to that cluster (they name its GCS port)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any(a.endswith((f":{port}", f"={port}")) for a in child.cmdline()):
+                child.kill()
+        except psutil.Error:
+            pass
+
+
+def _start_private_ray(cfg: RunConfig, kwargs: dict[str, Any]) -> None:
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    port = _free_port()
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}, **kwargs)
+    except Exception:
+        _kill_half_started(port)
+        raise
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
 @contextlib.contextmanager
 def _ray(cfg: RunConfig) -> Iterator[None]:
     """Ray for the sweep: a private local cluster, or the configured cluster.
@@ -135,19 +168,17 @@ def _ray(cfg: RunConfig) -> Iterator[None]:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        from ray._private.services import get_node_ip_address
-
-        port = _free_port()
-        saved = os.environ.get("RAY_GCS_SERVER_PORT")
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        try:
-            ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
-                     runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}, **kwargs)
-        finally:
-            if saved is None:
-                os.environ.pop("RAY_GCS_SERVER_PORT", None)
-            else:
-                os.environ["RAY_GCS_SERVER_PORT"] = saved
+        for attempt in (1, 2):
+            try:
+                _start_private_ray(cfg, kwargs)
+                break
+            except Exception as e:  # Ray raises a bare Exception when its node does not start
+                # An overloaded machine can miss Ray's startup timeouts (raylet waiting for the dashboard
+                # agent); one fresh attempt usually gets through.
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
+                log.warning("Ray did not start in time (%s); trying once more", e)
     try:
         yield
     finally:
@@ -271,6 +302,9 @@ def _execute(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], s
             grid = tuner.fit()
         finally:
             LIVE.pop(name, None)
+    if len(rep.seen) < tcfg.num_samples:  # Ctrl-C: Tune saved its state and returned early
+        raise SweepError(f"sweep interrupted after {len(rep.seen)} of {tcfg.num_samples} trials; continue it "
+                         f"with `fineray tune --resume {sweep_uri}`")
     attempts = {}
     for trial_id in storage.listdir(fs, f"{path}/trials"):
         attempts[trial_id] = len(_read_lines(fs, f"{path}/trials/{trial_id}/attempts.jsonl"))
