@@ -116,8 +116,10 @@ def _free_port() -> int:
 def _kill_half_started(port: int) -> None:
     """A failed `ray.init` leaves the processes it started (GCS, dashboard, ...) running: end those of this
     process's children that belong to that cluster (they name its GCS port)."""
-    import psutil
-
+    try:
+        import psutil
+    except ImportError:  # not a declared dependency: without it they end with this process (fate-sharing)
+        return
     for child in psutil.Process().children(recursive=True):
         try:
             if any(a.endswith((f":{port}", f"={port}")) for a in child.cmdline()):
