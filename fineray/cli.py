@@ -246,10 +246,10 @@ def federated_coordinator(config: Path = typer.Argument(...), overrides: Optiona
     """Run the aggregator: silos connect over HTTPS; only adapter tensors (safetensors) travel."""
     cfg = _load(config, list(overrides or []))
     from fineray.federated import print_federation, run_coordinator
-    from fineray.train.config import load_yaml
+    from fineray.federated.server import load_tokens
 
-    tok = {str(k): str(v) for k, v in load_yaml(tokens).items()} if tokens else None
     try:
+        tok = load_tokens(str(tokens)) if tokens else None
         result = run_coordinator(cfg, host, port, cert, key, ca, tok, console=console)
     except (ValueError, RuntimeError, *_user_errors()) as e:
         _fail(str(e), 1)
@@ -272,9 +272,21 @@ def federated_silo(coordinator: str = typer.Option(..., help="https://HOST:PORT 
     try:
         out = run_silo(coordinator, name, data, token, ca=ca, cert=cert, key=key, trainer=trainer,
                        overrides=list(overrides or []))
-    except (ValueError, RuntimeError, TimeoutError, *_user_errors()) as e:
-        _fail(str(e), 1)
+    except (ValueError, RuntimeError, TimeoutError, PermissionError, *_user_errors()) as e:
+        _fail(str(e), 1)  # PermissionError: SiloAuthError, the coordinator refused the token or certificate
     console.print_json(json.dumps(out, default=str))
+
+
+@federated_app.command("certs")
+def federated_certs(out_dir: Path = typer.Argument(..., help="Folder for the CA, server and silo certificates."),
+                    silo: list[str] = typer.Option(..., "--silo", help="Silo name (repeatable)."),
+                    host: Optional[list[str]] = typer.Option(None, "--host", help="Coordinator host names/IPs.")) -> None:
+    """Generate a CA, a coordinator certificate and one client certificate per silo (for trials and tests)."""
+    from fineray.federated import generate_pki
+
+    files = generate_pki(out_dir, silo, hosts=tuple(host or ("127.0.0.1", "localhost")))
+    for who, (cert, key) in files.items():
+        console.print(f"{who}: {cert} {key}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- adapters
@@ -490,7 +502,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:]
     # `fineray federated CONFIG ...` (simulation) is the `run` subcommand; keep the short form users type.
-    if len(argv) >= 2 and argv[0] == "federated" and argv[1] not in ("run", "coordinator", "silo", "--help", "-h"):
+    if len(argv) >= 2 and argv[0] == "federated" and argv[1] not in ("run", "coordinator", "silo", "certs", "--help",
+                                                                     "-h"):
         sys.argv.insert(2, "run")
     try:
         app()

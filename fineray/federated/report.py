@@ -80,18 +80,28 @@ def print_federation(result: FederationResult, console: Any = None) -> None:
 
     console = console or Console()
     t = Table(title=f"federation {result.name}: {result.strategy}, {len(result.silos)} silos")
-    for c in ("round", "status", "accepted", "rejected", "stragglers", "train loss", "mean val", "held-out",
-              "epsilon", "wall s"):
+    rows = result.rounds
+    # Columns that would be empty in every row are left out, so the table fits an 80-column terminal.
+    show = {"rejected": any(r.get("rejected") for r in rows), "stragglers": any(r.get("stragglers") for r in rows),
+            "epsilon": any(r.get("epsilon") is not None for r in rows)}
+    cols = [c for c in ("round", "status", "accepted", "rejected", "stragglers", "train loss", "mean val",
+                        "held-out", "epsilon", "wall s") if show.get(c, True)]
+    for c in cols:
         t.add_column(c, justify="left" if c in ("status", "rejected", "stragglers") else "right")
     init = result.initial_eval
-    t.add_row("0", "initial", "", "", "", "", _f(init.get("mean_val")), _f(init.get("held_out")), "", "")
-    for row in result.rounds:
+
+    def add(values: dict[str, str]) -> None:
+        t.add_row(*[values.get(c, "") for c in cols])
+
+    add({"round": "0", "status": "initial", "mean val": _f(init.get("mean_val")), "held-out": _f(init.get("held_out"))})
+    for row in rows:
         ev = row.get("eval", {})
-        t.add_row(str(row["round"]), row.get("status", ""),
-                  f"{len(row.get('accepted', []))}/{len(row.get('participants', []))}",
-                  ", ".join(row.get("rejected", {})), ", ".join(row.get("stragglers", [])),
-                  _f(row.get("train_loss")), _f(ev.get("mean_val")), _f(ev.get("held_out")),
-                  _f(row.get("epsilon"), 3), _f(row.get("wall_s"), 1))
+        add({"round": str(row["round"]), "status": row.get("status", ""),
+             "accepted": f"{len(row.get('accepted', []))}/{len(row.get('participants', []))}",
+             "rejected": ", ".join(row.get("rejected", {})), "stragglers": ", ".join(row.get("stragglers", [])),
+             "train loss": _f(row.get("train_loss")), "mean val": _f(ev.get("mean_val")),
+             "held-out": _f(ev.get("held_out")), "epsilon": _f(row.get("epsilon"), 3),
+             "wall s": _f(row.get("wall_s"), 1)})
     console.print(t)
     v = Table(title="validation loss per silo")
     v.add_column("round", justify="right")

@@ -362,8 +362,8 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
             for spec in d["train"]:
                 if isinstance(spec, dict) and "path" in spec:
                     spec["path"] = fix(spec["path"])
-        else:
-            d["train"] = fix(d.get("train"))
+        elif "train" in d:
+            d["train"] = fix(d["train"])
         if isinstance(d.get("validation"), str):
             d["validation"] = fix(d["validation"])
     ev = data.get("eval")
