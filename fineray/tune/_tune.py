@@ -6,15 +6,19 @@ in `LIVE`, so a restored Tuner's callback talks to the current driver's progress
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
 from typing import Any
 
 import ray.tune
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-__all__ = ["LIVE", "Searcher", "SweepCallback", "trial_dirname", "trial_record"]
+from fineray.cluster import storage
+
+__all__ = ["LIVE", "PersistentASHA", "Searcher", "SweepCallback", "trial_dirname", "trial_record"]
 
 # sweep id -> object with `finished(record)`, `retrying(trial_id, failures)` and `tick()` (sweep._Reporter).
 LIVE: dict[str, Any] = {}
@@ -53,6 +57,53 @@ class Searcher(OptunaSearch):
         tmp = os.path.join(os.path.dirname(checkpoint_path) or ".", f".{uuid.uuid4().hex}.tmp")
         super().save(tmp)
         os.replace(tmp, checkpoint_path)
+
+
+class PersistentASHA(ASHAScheduler):
+    """ASHA whose rung records survive `--resume`.
+
+    Tune saves trials and the searcher but not the scheduler: a restored ASHA starts with empty rungs and
+    compares resumed trials only with each other. This one writes its rungs (trial id -> reward per
+    milestone; ray 2.60's `_Bracket._rungs`) to `state_uri` after every result and reads them back once.
+    """
+
+    def __init__(self, *, state_uri: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state_uri = state_uri
+        self._restored = False
+
+    def _restore(self) -> None:
+        if self._restored:
+            return
+        self._restored = True
+        fs, path = storage.open_fs(self.state_uri)
+        if not storage.exists(fs, path):
+            return
+        saved = json.loads(storage.read_bytes(fs, path))
+        for bracket, rungs in zip(self._brackets, saved.get("brackets", [])):
+            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
+                if milestone == saved_milestone:
+                    recorded.update({k: v for k, v in saved_recorded.items() if k not in recorded})
+
+    def _save(self) -> None:
+        fs, path = storage.open_fs(self.state_uri)
+        data = {"brackets": [[[m, rec] for m, rec in b._rungs] for b in self._brackets]}
+        storage.atomic_write_bytes(fs, path, json.dumps(data, default=float).encode())
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._restore()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        self._restore()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        self._restore()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
 
 
 def trial_record(trial: Any, failed: bool = False) -> dict[str, Any]:

@@ -9,8 +9,11 @@ Sweep folder (`output.dir/output.name`, default name `sweep-<timestamp>`; local 
     best_config.yaml     the best parameters as a plain run config (`fineray train best_config.yaml`)
     optimization_history.png, param_importances.png (pareto_front.png with two objectives)
 
+    asha_state.json      ASHA's rungs (Tune does not save scheduler state; see _tune.PersistentASHA)
+    tune-snapshot/       the last clean copy of Tune's state (see state.py)
+
 Early stopping (ASHA / median) watches a metric the training loop reports at every eval (val_loss by
-default). Objectives from the held-out evaluation (e.g. field_accuracy) are computed after a trial's training
+default); the median rule's statistics restart on `--resume`. Objectives from the held-out evaluation (e.g. field_accuracy) are computed after a trial's training
 finishes, so with such objectives the scheduler still stops on val_loss (or use `scheduler: {type: none}`).
 """
 
@@ -219,8 +222,10 @@ def _concurrency(cfg: RunConfig, tcfg: TuneConfig) -> int:
     return max(1, min(fit, tcfg.num_samples))
 
 
-def _scheduler(cfg: RunConfig, tcfg: TuneConfig) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+def _scheduler(cfg: RunConfig, tcfg: TuneConfig, sweep_uri: str) -> Any:
+    from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
+
+    from fineray.tune._tune import PersistentASHA
 
     s = tcfg.scheduler
     if s.type == "none":
@@ -239,8 +244,9 @@ def _scheduler(cfg: RunConfig, tcfg: TuneConfig) -> Any:
         log.warning("ASHA max_t=%d < train.max_steps=%d: every trial stops at step %d", max_t, total, max_t)
     # stop_last_trials=False: a trial reaching max_t finishes its own run (final checkpoint, eval,
     # final.json) instead of being killed at its last report.
-    return ASHAScheduler(time_attr=s.time_attr, metric=metric, mode=mode, grace_period=grace,
-                         reduction_factor=s.reduction_factor, max_t=max_t, stop_last_trials=False)
+    return PersistentASHA(time_attr=s.time_attr, metric=metric, mode=mode, grace_period=grace,
+                          reduction_factor=s.reduction_factor, max_t=max_t, stop_last_trials=False,
+                          state_uri=storage.join(sweep_uri, "asha_state.json"))
 
 
 def _new_tuner(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sweep_uri: str) -> Any:
@@ -255,7 +261,7 @@ def _new_tuner(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution],
                         points_to_evaluate=[base_point(cfg, space)] if tcfg.base_first else None, seed=tcfg.seed)
     return tune.Tuner(
         _trainable(cfg, tcfg, space, sweep_uri),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(cfg, tcfg),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(cfg, tcfg, sweep_uri),
                                     num_samples=tcfg.num_samples, max_concurrent_trials=_concurrency(cfg, tcfg),
                                     trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name="tune", storage_path=sweep_uri, verbose=0,

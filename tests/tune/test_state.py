@@ -68,3 +68,35 @@ def test_half_started_ray_processes_are_ended_by_their_gcs_port() -> None:
         for p in (ours, other):
             p.kill()
             p.wait()
+
+
+def test_asha_rungs_survive_a_restore(tmp_path: Path) -> None:
+    """Tune does not save scheduler state; PersistentASHA brings its rungs back after `--resume`."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from fineray.tune._tune import PersistentASHA
+
+    def make() -> PersistentASHA:
+        return PersistentASHA(time_attr="step", metric="val_loss", mode="min", grace_period=2, reduction_factor=2,
+                              max_t=8, stop_last_trials=False, state_uri=str(tmp_path / "asha_state.json"))
+
+    pickled = pickle.dumps(make())  # what tuner.pkl holds: the scheduler as created
+    t1, t2, t3 = (SimpleNamespace(trial_id=f"t{i}") for i in (1, 2, 3))
+    # Prepare: before the interruption t1 (1.0) and t2 (2.0) reach the first rung; t2 is stopped
+    first = pickle.loads(pickled)
+    for t in (t1, t2):
+        first.on_trial_add(None, t)
+    assert first.on_trial_result(None, t1, {"step": 2, "val_loss": 1.0}) == TrialScheduler.CONTINUE
+    assert first.on_trial_result(None, t2, {"step": 2, "val_loss": 2.0}) == TrialScheduler.STOP
+    # Execute: the restored scheduler sees a new trial worse than the rung's median
+    restored = pickle.loads(pickled)
+    restored.on_trial_add(None, t3)
+    action = restored.on_trial_result(None, t3, {"step": 2, "val_loss": 1.8})
+    # Assert: stopped (a fresh ASHA with empty rungs would have let it continue)
+    assert action == TrialScheduler.STOP
+    fresh = pickle.loads(pickled)
+    (tmp_path / "asha_state.json").unlink()
+    fresh.on_trial_add(None, t3)
+    assert fresh.on_trial_result(None, t3, {"step": 2, "val_loss": 1.8}) == TrialScheduler.CONTINUE
