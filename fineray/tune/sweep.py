@@ -3,18 +3,18 @@
 Sweep folder (`output.dir/output.name`, default name `sweep-<timestamp>`; local or `s3://`):
     sweep.json           the run config with its tune section (what `--resume` restarts from)
     tune/                Ray Tune experiment state (Tuner.restore)
+    tune-snapshot/       the last clean copy of Tune's state (see state.py)
+    asha_state.json      ASHA's rungs (Tune does not save scheduler state; see _tune.PersistentASHA)
     trials/<trial_id>/   each trial's Ray Train run, attempts.jsonl and final.json
     trials.jsonl         one line per finished trial, appended live
     results.json         all trial records, best trial, Pareto front, errors
     best_config.yaml     the best parameters as a plain run config (`fineray train best_config.yaml`)
     optimization_history.png, param_importances.png (pareto_front.png with two objectives)
 
-    asha_state.json      ASHA's rungs (Tune does not save scheduler state; see _tune.PersistentASHA)
-    tune-snapshot/       the last clean copy of Tune's state (see state.py)
-
 Early stopping (ASHA / median) watches a metric the training loop reports at every eval (val_loss by
-default); the median rule's statistics restart on `--resume`. Objectives from the held-out evaluation (e.g. field_accuracy) are computed after a trial's training
-finishes, so with such objectives the scheduler still stops on val_loss (or use `scheduler: {type: none}`).
+default); the median rule's statistics restart on `--resume`. Objectives from the held-out evaluation (e.g.
+field_accuracy) are computed after a trial's training finishes, so with such objectives the scheduler still
+stops on val_loss (or use `scheduler: {type: none}`).
 """
 
 from __future__ import annotations
