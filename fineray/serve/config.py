@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from fineray.train.config import EMBEDDED_MODEL, ConfigError, load_yaml
+from fineray.train.config import EMBEDDED_MODEL, ConfigError, format_validation_error, load_yaml
 from fineray.train.registry import RegistryError, parse_ref, validate_name
 
 __all__ = [
@@ -219,15 +219,6 @@ class ServeConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid serve config ({source}):"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}" + ("" if e["type"] == "extra_forbidden" else f" (got {e['input']!r})"))
-    return "\n".join(lines)
-
-
 def _merge(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge overrides; `a.b` keys address nested sections; None values mean "not given"."""
     out = copy.deepcopy(data)
@@ -256,7 +247,7 @@ def serve_config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Serv
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, "serve config")) from None
 
 
 def load_serve_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:

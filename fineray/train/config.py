@@ -31,6 +31,8 @@ __all__ = [
     "RunConfig",
     "load_config",
     "load_yaml",
+    "validate_config",
+    "format_validation_error",
     "apply_overrides",
     "config_hash",
     "EMBEDDED_MODEL",
@@ -266,14 +268,13 @@ class RunConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+def format_validation_error(err: ValidationError, source: str, what: str = "config") -> str:
+    """One line per problem, each naming its dotted key (`train.lrr: unknown key`)."""
+    lines = [f"invalid {what} ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}" + ("" if e["type"] == "extra_forbidden" else f" (got {e['input']!r})"))
     return "\n".join(lines)
 
 
@@ -330,7 +331,7 @@ def validate_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
