@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from fineray.train.config import EMBEDDED_MODEL, ConfigError, format_validation_error, load_yaml
+from fineray.train.config import EMBEDDED_MODEL, ConfigError, format_validation_error, load_yaml, section_for
 from fineray.train.registry import RegistryError, parse_ref, validate_name
 
 __all__ = [
@@ -225,16 +225,7 @@ def _merge(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for key, value in overrides.items():
         if value is None:
             continue
-        parts = str(key).split(".")
-        node = out
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {key!r}: {part} is not a section")
-            node = nxt
-        last = parts[-1]
+        node, last = section_for(out, str(key), str(key))
         if isinstance(value, dict) and isinstance(node.get(last), dict):
             node[last] = _merge(node[last], value)
         else:

@@ -33,6 +33,7 @@ __all__ = [
     "load_yaml",
     "validate_config",
     "format_validation_error",
+    "section_for",
     "apply_overrides",
     "config_hash",
     "EMBEDDED_MODEL",
@@ -311,19 +312,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty key segment")
-        node = out
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-            node = nxt
-        node[parts[-1]] = _parse_value(raw)
+        node, last = section_for(out, key.strip(), item)
+        node[last] = _parse_value(raw)
     return out
+
+
+def section_for(data: dict[str, Any], dotted_key: str, item: str) -> tuple[dict[str, Any], str]:
+    """The (created if missing) section dict that holds `a.b.c` and the last key `c`; errors name `item`."""
+    parts = dotted_key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = nxt
+    return node, parts[-1]
 
 
 def validate_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
