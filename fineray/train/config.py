@@ -140,6 +140,11 @@ class FastConfig(_Section):
         group_by_length: batch examples of similar length together (less padding when not packing).
         expandable_segments: let the CUDA caching allocator grow segments in place, so steps whose packed
             length changes every time do not fragment memory or call cudaMalloc (GPU only).
+        compile_attention: keep the varlen attention inside each layer's compiled graph (one graph per layer
+            instead of three; the lengths become symbolic). Off: attention runs eager between two graphs.
+        balance_ranks: with several workers, deal each step's documents to the ranks by tokens (longest
+            first to the lightest rank) so no rank waits for a heavier one at the gradient all-reduce.
+            `auto`: on when packing.
     """
 
     packing_attention: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
@@ -148,6 +153,8 @@ class FastConfig(_Section):
     compile: bool | Literal["auto"] = "auto"
     group_by_length: bool = False
     expandable_segments: bool | Literal["auto"] = "auto"
+    compile_attention: bool = False
+    balance_ranks: bool | Literal["auto"] = "auto"
 
 
 class FsdpConfig(_Section):
@@ -183,6 +190,9 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1, description="sequences per worker per micro-step")
     grad_accum: int = Field(1, ge=1)
+    micro_batch_tokens: int | None = Field(
+        None, ge=16, description="split every micro-batch into chunks of whole documents with at most this "
+        "many tokens and accumulate their gradients: the same tokens per optimizer step in less activation memory")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -203,6 +213,14 @@ class TrainConfig(_Section):
     fast: FastConfig = FastConfig()
     fsdp: FsdpConfig = FsdpConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @model_validator(mode="after")
+    def _micro_batch_tokens_not_deepspeed(self) -> "TrainConfig":
+        if self.micro_batch_tokens and self.strategy == "deepspeed":
+            # DeepSpeed counts micro-steps itself (gradient_accumulation_steps): a variable number of chunks
+            # per micro-batch would move its optimizer-step boundary.
+            raise ValueError("micro_batch_tokens is not supported with strategy=deepspeed; use grad_accum")
+        return self
 
 
 class ScalingConfig(_Section):

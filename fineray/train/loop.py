@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fineray.train.batches import collate, epoch_batches, shard_batches
+from fineray.train.batches import collate, epoch_batches, shard_batches, split_by_tokens
 from fineray.train.checkpoint import LoopState
 from fineray.train.config import RunConfig
 from fineray.train.data import load_train_val
@@ -137,26 +137,37 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
 
     # ---------------------------------------------------------------- loop
     stream = epoch_batches(train_data, tcfg.batch_size, session.rank, world, tcfg.seed,
-                           state.epoch, state.batch_in_epoch, group_by_length=fast.group_by_length)
+                           state.epoch, state.batch_in_epoch, group_by_length=fast.group_by_length,
+                           balance_ranks=fast.balance_ranks)
     pad_id = tok.pad_token_id
     t_window, tok_window = time.perf_counter(), 0
     stop_reason = None
     while state.step < total_steps and stop_reason is None:
         # Dropout masks depend only on (seed, rank, step): a resumed run draws the same ones.
         torch.manual_seed(tcfg.seed + 1_000_003 * session.rank + state.step)
-        loss_sum, target_sum = 0.0, 0
+        loss_sum = torch.zeros((), device=session.device)  # stays on the device: one sync per step, below
         for micro in range(tcfg.grad_accum):
             epoch, b_idx, items = next(stream)
-            batch = to_device(make_batch(items, pad_id, fast), session.device)
-            with strategy.no_sync(model, micro == tcfg.grad_accum - 1), amp():
-                loss, n_target = fast_forward_loss(model, batch, fast)
-                scaled = loss / tcfg.grad_accum
-            strategy.backward(scaled, scaler)
-            loss_sum += float(loss.detach())
-            target_sum += n_target
-            tok_window += int(batch["attention_mask"].sum())
+            # A micro-batch may run as several chunks of whole documents (train.micro_batch_tokens): each
+            # chunk's mean loss is weighted by its share of the micro-batch's targets, so the gradient is
+            # the micro-batch's token-mean gradient, only computed in smaller activations.
+            chunks = split_by_tokens(items, tcfg.micro_batch_tokens)
+            batches = [make_batch(chunk, pad_id, fast) for chunk in chunks]
+            if len(batches) > 1:  # a chunk without targets would add 0 x NaN to the gradient
+                batches = [b for b in batches if b["n_target"]] or batches[:1]
+            n_micro = max(1, sum(b["n_target"] for b in batches))
+            for c, host_batch in enumerate(batches):
+                batch = to_device(host_batch, session.device)
+                share = host_batch["n_target"] / n_micro if len(batches) > 1 else 1.0
+                sync = micro == tcfg.grad_accum - 1 and c == len(batches) - 1
+                with strategy.no_sync(model, sync), amp():
+                    loss, _ = fast_forward_loss(model, batch, fast)
+                    scaled = loss * (share / tcfg.grad_accum)
+                strategy.backward(scaled, scaler)
+                loss_sum += loss.detach().float() * share
+                tok_window += host_batch["n_tokens"]
             state.epoch, state.batch_in_epoch = epoch, b_idx + 1
-        train_loss = loss_sum / tcfg.grad_accum
+        train_loss = float(loss_sum) / tcfg.grad_accum
         if not math.isfinite(train_loss):
             stop_reason = "diverged"
             if session.rank == 0:

@@ -155,6 +155,12 @@ def apply_peft(model: torch.nn.Module, method: str, lora: LoraConfig, adapter_pa
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
+        # PEFT upcasts every non-quantised weight (norms, embeddings, head) to fp32 for fp16 stability; with a
+        # bf16 compute dtype that only makes the residual stream and most activations fp32 (measured on an 8B
+        # shape: QLoRA peaked above bf16 LoRA). Frozen ones go back to bf16; trainable ones stay as they are.
+        for p in model.parameters():
+            if p.dtype == torch.float32 and not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     elif grad_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if adapter_path:

@@ -32,7 +32,8 @@ __all__ = [
     "varlen_available",
 ]
 
-PACKED_ATTENTION = {"varlen": "fineray_varlen", "flex": "fineray_flex", "sdpa": "fineray_sdpa"}
+PACKED_ATTENTION = {"varlen": "fineray_varlen", "varlen_graph": "fineray_varlen_graph",
+                    "flex": "fineray_flex", "sdpa": "fineray_sdpa"}
 
 
 def pack_documents(items: list[Tokenized], pad_id: int, pad_to_multiple: int = 1) -> dict[str, Any]:
@@ -111,10 +112,9 @@ def _unpacked(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
                                   **kwargs)
 
 
-@torch.compiler.disable  # a graph break: cu_seqlens/max_seqlen change every step, the layer graph does not
-def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _varlen_attention_graph(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
+                            dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
     if "cu_seq_lens_q" not in kwargs:
         return _unpacked(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     fn, causal, has_gqa = _varlen_call()
@@ -135,6 +135,12 @@ def _varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)  # norms give fp32 q/k/v)
     out = fn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal, **extra)
     return out.to(dtype).view(b, t, h, d), None
+
+
+# Default: a graph break around attention (cu_seqlens/max_seqlen change every step, the layer graph does not).
+# `train.fast.compile_attention` registers the plain function instead: varlen_attn is a custom op with a fake
+# kernel, so the compiled layer can hold it, with the lengths symbolic.
+_varlen_attention = torch.compiler.disable(_varlen_attention_graph)
 
 
 def _sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -191,6 +197,7 @@ def register_packed_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION["varlen"], _varlen_attention)
+    AttentionInterface.register(PACKED_ATTENTION["varlen_graph"], _varlen_attention_graph)
     AttentionInterface.register(PACKED_ATTENTION["sdpa"], _sdpa_attention)
     AttentionInterface.register(PACKED_ATTENTION["flex"], _flex_attention)
 

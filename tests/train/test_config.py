@@ -72,3 +72,20 @@ def test_multitask_list_and_hash_stability():
     cfg = RunConfig.model_validate(data)
     assert [s.weight for s in cfg.data.sources()] == [2, 1]
     assert config_hash(cfg) == config_hash(RunConfig.model_validate(data))
+
+
+def test_micro_batch_tokens_refused_with_deepspeed_naming_the_field():
+    with pytest.raises(ConfigError, match=r"train.*micro_batch_tokens is not supported with strategy=deepspeed"):
+        load_config(None, ["train.strategy=deepspeed", "train.micro_batch_tokens=4096"])
+    assert load_config(None, ["train.micro_batch_tokens=4096"]).train.micro_batch_tokens == 4096
+
+
+def test_fast_path_switches_resolve_per_device():
+    from fineray.train.fastpath import resolve_fast
+
+    cpu = resolve_fast(load_config(None, ["train.fast.compile_attention=true"]), use_gpu=False)
+    assert not cpu.packing and not cpu.balance_ranks and not cpu.compile_attention
+    packed = resolve_fast(load_config(None, ["data.packing=true"]), use_gpu=False)
+    assert packed.balance_ranks  # auto: on with packing
+    off = resolve_fast(load_config(None, ["data.packing=true", "train.fast.balance_ranks=false"]), use_gpu=False)
+    assert not off.balance_ranks

@@ -91,3 +91,23 @@ def test_scheduler_shapes():
         opt.step()
         s.step()
     assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and lrs[-1] == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_micro_batch_tokens_gives_the_same_training(tmp_path: Path, packing: str):
+    # Prepare: the same run twice, the second splitting each micro-batch into chunks of <= 48 tokens
+    common = ("train.max_steps=3", "train.eval_every=100", "lora.dropout=0", "train.grad_clip=null",
+              "data.validation=null", f"data.packing={packing}", "train.fast.packing_attention=sdpa")
+    plain, split = LocalSession(tmp_path / "plain"), LocalSession(tmp_path / "split")
+    # Execute
+    ref = train_loop(_cfg(*common), plain)
+    out = train_loop(_cfg(*common, "train.micro_batch_tokens=48"), split)
+    # Assert: same losses, same adapter weights (token-weighted chunk losses = the micro-batch's mean loss)
+    from safetensors.torch import load_file
+
+    assert [r["train_loss"] for r in out.history] == pytest.approx([r["train_loss"] for r in ref.history], rel=1e-4)
+    a = load_file(plain.checkpoints[-1] / "adapter" / "adapter_model.safetensors")
+    b = load_file(split.checkpoints[-1] / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
