@@ -16,12 +16,12 @@ Public entry points (imported lazily so that ``import fineray.federated`` stays 
 
 from __future__ import annotations
 
-from typing import Any
+from fineray._lazy import lazy_exports
 
 __all__ = ["FederatedConfig", "FederationResult", "federated_config", "generate_pki", "print_federation",
            "run_coordinator", "run_silo", "run_simulation"]
 
-_LAZY = {
+__getattr__, __dir__ = lazy_exports(__name__, {
     "FederatedConfig": "fineray.federated.config",
     "federated_config": "fineray.federated.config",
     "FederationResult": "fineray.federated.report",
@@ -30,12 +30,4 @@ _LAZY = {
     "run_coordinator": "fineray.federated.server",
     "run_silo": "fineray.federated.client",
     "generate_pki": "fineray.federated.tls",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fineray.federated' has no attribute {name!r}")
+})

@@ -10,23 +10,14 @@ Public API (heavy modules load lazily, so importing the config is cheap):
 
 from __future__ import annotations
 
-from typing import Any
-
+from fineray._lazy import lazy_exports
 from fineray.serve.config import ServeConfig, load_serve_config
 
 __all__ = ["Engine", "ServeConfig", "build_app", "generate_offline", "load_serve_config", "run_server"]
 
-_LAZY = {
+__getattr__, __dir__ = lazy_exports(__name__, {
     "run_server": "fineray.serve.server",
     "build_app": "fineray.serve.app",
     "generate_offline": "fineray.serve.offline",
     "Engine": "fineray.serve.engine",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fineray.serve' has no attribute {name!r}")
+})

@@ -6,7 +6,7 @@ Exports are imported lazily so that config validation does not import Ray.
 
 from __future__ import annotations
 
-from typing import Any
+from fineray._lazy import lazy_exports
 
 __all__ = [
     "SweepError",
@@ -19,14 +19,13 @@ __all__ = [
     "validate_search_space",
 ]
 
-_WHERE = {"run_sweep": "sweep", "resume_sweep": "sweep", "SweepError": "sweep", "SweepResult": "report",
-          "print_sweep": "report", "TuneConfig": "config", "parse_tune_config": "config",
-          "validate_search_space": "config"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"fineray.tune.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'fineray.tune' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "run_sweep": "fineray.tune.sweep",
+    "resume_sweep": "fineray.tune.sweep",
+    "SweepError": "fineray.tune.sweep",
+    "SweepResult": "fineray.tune.report",
+    "print_sweep": "fineray.tune.report",
+    "TuneConfig": "fineray.tune.config",
+    "parse_tune_config": "fineray.tune.config",
+    "validate_search_space": "fineray.tune.config",
+})
