@@ -16,30 +16,36 @@ A round goes::
   and re-mask (no retraining) under a fresh attempt number (:func:`~fineray.federated.secagg.plan_rerun`).
 * A round with fewer than ``min_silos`` accepted contributions leaves the global adapter unchanged.
 * Every closed round is checkpointed (:mod:`.state`); a new instance on the same folder resumes.
+
+What is done with a round's contributions (screening, decoding the secure sum, aggregating) is in
+:mod:`._aggregation`.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fineray.federated import adapters as ad
-from fineray.federated._lora import flatten, lora_pairs, unflatten
+from fineray.federated._aggregation import (
+    RoundState,
+    aggregate_round,
+    round_row,
+    screen_update,
+    trainable_keys,
+    unmask_mean,
+)
 from fineray.federated.config import FederatedConfig
-from fineray.federated.dp import DPAccountant, add_noise, private_mean, secure_generator, update_norm
-from fineray.federated.robust import validate_update
-from fineray.federated.secagg import SecAggConfig, SecAggServer, plan_rerun
+from fineray.federated.dp import DPAccountant
+from fineray.federated.secagg import plan_rerun
 from fineray.federated.state import FederationSnapshot, load_snapshot, save_snapshot
-from fineray.federated.wire import WireError, pack_tensors, sha256_bytes, unpack_array, unpack_tensors
+from fineray.federated.wire import WireError, pack_tensors, sha256_bytes, unpack_array
 
 __all__ = ["Federation", "RoundState", "SubmitError", "compat_hash", "trainable_keys"]
 
@@ -61,35 +67,6 @@ class SubmitError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def trainable_keys(adapter: dict[str, torch.Tensor], fcfg: FederatedConfig) -> list[str]:
-    """Keys the silos change: every key, except FFA-LoRA's frozen ``A`` factors."""
-    if fcfg.trains_a:
-        return sorted(adapter)
-    frozen = {a for a, _ in lora_pairs(adapter).values()}
-    return sorted(k for k in adapter if k not in frozen)
-
-
-@dataclass
-class RoundState:
-    """The round being trained (not checkpointed: a restarted coordinator re-opens it)."""
-
-    round: int
-    attempt: int
-    participants: list[str]
-    planned: int
-    opened_at: float
-    deadline: float
-    phase: str = "train"  # "train" (updates or public keys) | "mask" (masked vectors)
-    updates: dict[str, dict[str, Any]] = field(default_factory=dict)
-    responded: dict[str, str] = field(default_factory=dict)
-    keys: dict[str, bytes] = field(default_factory=dict)
-    keyset: dict[str, bytes] | None = None
-    masked: dict[str, np.ndarray] = field(default_factory=dict)
-    masked_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
-    rejections: list[tuple[str, str]] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
 
 
 class Federation:
@@ -248,7 +225,8 @@ class Federation:
                 raise SubmitError(409, "secure aggregation is on: send a public key, then a masked vector")
             if silo in cur.responded:
                 return "duplicate"
-            reasons, entry = self._screen(silo, blob)
+            reasons, entry = screen_update(blob, self.adapter, self.adapter_config, self.global_rank,
+                                           self.fcfg, self.strategy.heterogeneous_rank)
             if reasons:
                 cur.responded[silo] = "rejected"
                 cur.rejections.extend((silo, r) for r in reasons)
@@ -317,27 +295,6 @@ class Federation:
             raise SubmitError(409, f"silo {silo!r} is not a participant of round {round_no}")
         return cur
 
-    def _screen(self, silo: str, blob: bytes) -> tuple[list[str], dict[str, Any]]:
-        try:
-            tensors, meta = unpack_tensors(blob)
-        except WireError as e:
-            return [f"malformed update: {e}"], {}
-        n = meta.get("num_examples")
-        if not isinstance(n, int) or n < 1:
-            return [f"num_examples must be a positive integer, got {n!r}"], {}
-        try:
-            tensors = ad.from_silo_rank(tensors, self.adapter_config, self.global_rank)
-        except (ValueError, KeyError) as e:
-            return [f"bad LoRA factors: {e}"], {}
-        reasons = validate_update(tensors, self.adapter, allow_rank_change=self.strategy.heterogeneous_rank,
-                                  max_delta_norm=self.fcfg.max_update_norm)
-        if not reasons and not self.fcfg.trains_a:
-            for a_key, _ in lora_pairs(self.adapter).values():
-                if not torch.equal(tensors[a_key], self.adapter[a_key]):
-                    reasons.append(f"FFA-LoRA keeps A frozen, but {a_key} changed")
-                    break
-        return reasons, {"tensors": tensors, "num_examples": n, "metrics": dict(meta.get("metrics") or {})}
-
     def tick(self) -> dict[str, Any] | None:
         """Advances the open round on completeness or deadlines; returns the history row if it closed."""
         with self._lock:
@@ -384,24 +341,13 @@ class Federation:
             cur = self._require_round()
             f = self.fcfg
             secagg = f.secure_aggregation.enabled
-            contributed = sorted(cur.masked if secagg else cur.updates)
-            late = [s for s in cur.participants if s not in cur.responded]
-            row: dict[str, Any] = {
-                "round": cur.round, "attempts": cur.attempt + 1, "participants": cur.participants,
-                "accepted": [], "rejected": {}, "stragglers": late, "dropped": cur.dropped,
-                "wall_s": round(self.clock() - cur.opened_at, 3), "epsilon": self.epsilon()}
-            for silo, reason in cur.rejections:
-                row["rejected"].setdefault(silo, []).append(reason)
-            meta = {s: (cur.masked_meta if secagg else cur.updates)[s] for s in contributed}
-            losses = [m["metrics"].get("train_loss") for m in meta.values()]
-            losses = [x for x in losses if isinstance(x, (int, float)) and math.isfinite(x)]
-            row["train_loss"] = sum(losses) / len(losses) if losses else None
-            row["num_examples"] = sum(int(m["num_examples"]) for m in meta.values())
+            contributed, row = round_row(cur, secagg, self.clock(), self.epsilon())
             if failure is None and len(contributed) < f.min_silos:
                 failure = f"only {len(contributed)} accepted updates (min_silos={f.min_silos})"
             if failure is None:
                 try:
-                    mean = self._unmask_mean(cur) if secagg else None
+                    mean = (unmask_mean(cur, f, self.adapter, self.silo_ids, len(self.silos), self._noise)
+                            if secagg else None)
                     row.update(self._aggregate(cur, contributed, mean))
                     row["accepted"] = contributed
                 except (ValueError, RuntimeError) as e:  # a strategy refusing its inputs fails the round only
@@ -415,50 +361,13 @@ class Federation:
             self.save()
             return row
 
-    def _unmask_mean(self, cur: RoundState) -> dict[str, torch.Tensor]:
-        sa = self.fcfg.secure_aggregation
-        keys = trainable_keys(self.adapter, self.fcfg)
-        _, spec = flatten({k: self.adapter[k] for k in keys})
-        config = SecAggConfig(num_silos=len(self.silos), clip=sa.clip, frac_bits=sa.frac_bits,
-                              modulus_bits=sa.modulus_bits, max_weight=sa.max_weight)
-        server = SecAggServer({self.silo_ids[s]: pk for s, pk in (cur.keyset or {}).items()}, config,
-                              round_id=cur.round, attempt=cur.attempt)
-        total, weight = server.unmask({self.silo_ids[s]: v for s, v in cur.masked.items()})
-        if self.fcfg.dp.enabled:  # fixed denominator: the planned participant count (DP-FedAvg)
-            mean = unflatten(total / cur.planned, spec)
-            return add_noise(mean, self.fcfg.dp.clip_norm, self.fcfg.dp.noise_multiplier, cur.planned,
-                             self._noise or secure_generator())
-        if weight <= 0:
-            raise ValueError("secure aggregation decoded a zero total weight")
-        return unflatten(total / weight, spec)
-
     def _aggregate(self, cur: RoundState, contributed: list[str],
                    mean_delta: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        f, g = self.fcfg, self.adapter
-        out: dict[str, Any] = {}
-        kw: dict[str, Any] = {"global_adapter": g, "state": self.strategy_state, "seed": f.seed + cur.round,
-                              "rank": self.global_rank, **f.server_options()}
-        keys = trainable_keys(g, f)
-        if mean_delta is None and f.dp.enabled:
-            deltas = [{k: cur.updates[s]["tensors"][k].float() - g[k].float() for k in keys} for s in contributed]
-            mean_delta, norms = private_mean(deltas, f.dp.clip_norm, f.dp.noise_multiplier,
-                                             self._noise or secure_generator(), denominator=cur.planned)
-            out["update_norms"] = dict(zip(contributed, norms, strict=True))
-        if mean_delta is not None:
-            mean = dict(g)
-            for k in keys:
-                mean[k] = (g[k].to(torch.float64) + mean_delta[k].to(torch.float64)).to(g[k].dtype)
-            result = self.strategy.aggregate([mean], [1.0], **kw)
-        else:
-            updates = [cur.updates[s]["tensors"] for s in contributed]
-            out["update_norms"] = {s: update_norm({k: u[k].float() - g[k].float() for k in keys
-                                                   if u[k].shape == g[k].shape})
-                                   for s, u in zip(contributed, updates, strict=True)}
-            result = self.strategy.aggregate(updates, [cur.updates[s]["num_examples"] for s in contributed], **kw)
-        new = {k: result.adapter[k].to(g[k].dtype) for k in g}
-        bad = sorted(k for k, t in new.items() if not bool(torch.isfinite(t).all()))
-        if bad:
-            raise ValueError(f"aggregate has non-finite values in {bad[:3]}")
+        """Aggregates (see :func:`~._aggregation.aggregate_round`); the result becomes the global state."""
+        out, new, result = aggregate_round(cur, contributed, mean_delta, strategy=self.strategy,
+                                           fcfg=self.fcfg, adapter=self.adapter,
+                                           strategy_state=self.strategy_state, global_rank=self.global_rank,
+                                           noise=self._noise)
         self.adapter = new
         self.residual = ad.fold_residual(self.residual, result.base_delta, self.scaling)
         self.strategy_state = result.state
