@@ -10,10 +10,14 @@ Runs (`--runs`, comma-separated):
                   tokens/s (all workers, median over steps after the first `--warmup`) and the ratio
   fsdp            FSDP2 full fine-tune, 2 workers, checkpoint every `--ckpt` steps, then resume
   zero3 / zero2   DeepSpeed ZeRO-3 / ZeRO-2 full fine-tune, 2 workers, then resume
+  zero3off        ZeRO-3 with the optimizer state and the parameters offloaded to CPU memory, then resume
+  qlora_ddp2      QLoRA (NF4 base, bf16 LoRA), 2 workers under DDP (no resume)
+  qlora_fsdp      QLoRA under FSDP2, 2 workers (the 4-bit base replicated, LoRA sharded), then resume
 
 Model: `--shape 1b` builds a random-init Llama-3.2-1B-shaped model (bf16 safetensors) with fineray's tiny
 tokenizer (its 512 ids are valid in the 128k vocabulary) in a local folder; `--shape tiny` uses tiny:llama
-(CPU). Data: the built-in support-tickets set.
+(CPU). Data (`--data`): `tickets` = the built-in support-tickets set (short documents); `realistic` =
+random-word documents with lognormal lengths (median ~300 tokens, sigma 0.8, the issue's realistic shape).
 Usage: python bench/gpu_strategies.py --shape 1b --runs ddp1,ddp2,zero3,fsdp --out $OUT/strategies.jsonl
 """
 
@@ -58,17 +62,42 @@ def build_1b(out: Path) -> str:
     return str(out)
 
 
+def realistic_data(out: Path, n: int = 4000, seed: int = 0) -> str:
+    """`n` text documents of random words, lengths lognormal (median ~300 tokens, sigma 0.8), as JSONL."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
+             for _ in range(2000)]
+    with open(out, "w") as f:
+        for _ in range(n):
+            k = int(min(900, max(8, round(150 * math.exp(0.8 * rng.gauss(0, 1))))))  # ~2 tokens a word
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(k))}) + "\n")
+    return str(out)
+
+
 def run_config(base: str, run: str, gpu: bool, args: argparse.Namespace) -> list[str]:
+    data = [f"data.train={args.data_path}", "data.format=text", "data.max_seq_len=2048"] \
+        if args.data_path else ["data.max_seq_len=1024"]
     common = [f"model.base={base}", "data.validation=null", "eval.enabled=false", "train.log_every=1",
               "train.eval_every=1000000", "train.scheduler=constant", "train.warmup_ratio=0",
-              "data.max_seq_len=1024", f"scaling.use_gpu={str(gpu).lower()}", "output.register_adapter=false",
-              "train.fast.expandable_segments=false"]
+              f"scaling.use_gpu={str(gpu).lower()}", "output.register_adapter=false",
+              "train.fast.expandable_segments=false", *data]
+    if run.startswith("qlora"):
+        strat = ["train.strategy=fsdp"] if run.endswith("fsdp") else []
+        return common + strat + ["method=qlora", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
+                                 f"train.batch_size={args.batch}", f"train.max_steps={2 * args.ckpt}",
+                                 f"train.checkpoint_every={args.ckpt}", "scaling.num_workers=2",
+                                 "train.lr=2e-4"]
     if run.startswith("ddp"):
         return common + ["method=lora", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
                          f"train.batch_size={args.batch}", f"train.max_steps={args.steps}",
                          f"scaling.num_workers={run[-1]}", "train.lr=2e-4"]
     strat = {"fsdp": ["train.strategy=fsdp"], "zero3": ["train.strategy=deepspeed", "train.deepspeed.stage=3"],
-             "zero2": ["train.strategy=deepspeed", "train.deepspeed.stage=2"]}[run]
+             "zero2": ["train.strategy=deepspeed", "train.deepspeed.stage=2"],
+             "zero3off": ["train.strategy=deepspeed", "train.deepspeed.stage=3",
+                          "train.deepspeed.offload_optimizer=true", "train.deepspeed.offload_params=true"]}[run]
     return common + strat + ["method=full", f"train.batch_size={args.full_batch}",
                              f"train.max_steps={2 * args.ckpt}", f"train.checkpoint_every={args.ckpt}",
                              "scaling.num_workers=2", "train.lr=1e-5", "train.fast.compile=false"]
@@ -112,6 +141,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--data", default="tickets", choices=["tickets", "realistic"])
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip runs that would start after this")
     a = ap.parse_args()
     import ray
@@ -124,6 +154,7 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="fineray-strat-"))
     base = build_1b(work / "llama-1b") if a.shape == "1b" else "tiny:llama"
+    a.data_path = realistic_data(work / "realistic.jsonl") if a.data == "realistic" else None
     ray.init(address="local", num_cpus=a.num_cpus or max(2, (os.cpu_count() or 2)), include_dashboard=False)
     rows: list[dict[str, Any]] = []
     for run in a.runs.split(","):
@@ -145,7 +176,7 @@ def main() -> None:
             shape = model_shape(base)
             if shape is not None:
                 row["estimate_gib"] = round(estimate_memory(cfg, shape).total_gib, 2)
-            if not run.startswith("ddp"):
+            if not run.startswith("ddp") and run != "qlora_ddp2":
                 first = min(res.best_checkpoints, key=lambda c: c[1]["step"])
                 row["resume_from_step"] = first[1]["step"]
                 with first[0].as_directory() as d:

@@ -68,6 +68,7 @@ class Case:
     steps: int = 12
     warmup: int = 4
     optimizer: str = "adamw"
+    overrides: tuple[str, ...] = ()  # extra fineray config keys (a variant of a case: `NAME+TAG`)
 
 
 CASES = {
@@ -84,6 +85,11 @@ CASES = {
     "8b-full4": Case("8b", 4, "full", steps=10),
     "8b-qlora-real8": Case("8b", 8, "realistic", method="qlora", optimizer="paged_adamw_8bit"),
     "8b-qlora-full4": Case("8b", 4, "full", method="qlora", steps=8),
+    # Variants (`+TAG`: the table puts them beside the case they vary)
+    "8b-full4+mbt4096": Case("8b", 4, "full", steps=10, overrides=("train.micro_batch_tokens=4096",)),
+    "8b-full4+mbt2048": Case("8b", 4, "full", steps=10, overrides=("train.micro_batch_tokens=2048",)),
+    "8b-real4-long+cattn": Case("8b", 4, "realistic", steps=30, overrides=("train.fast.compile_attention=true",)),
+    "1b-real16+cattn": Case("1b", 16, "realistic", overrides=("train.fast.compile_attention=true",)),
 }
 
 
@@ -279,7 +285,7 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
         "train.scheduler=constant", "train.warmup_ratio=0", "train.eval_every=1000000", "train.log_every=1",
         "train.grad_clip=null", "data.validation=null", f"scaling.use_gpu={str(gpu).lower()}",
         "data.max_seq_len=2048", f"train.fast.compile={'auto' if case.compile else 'false'}",
-        f"train.optimizer={case.optimizer}", *(overrides or [])])
+        f"train.optimizer={case.optimizer}", *case.overrides, *(overrides or [])])
     key = (case.shape, case.method)
     if key not in _MODELS:
         _MODELS.clear()
@@ -385,7 +391,7 @@ def main() -> None:
         case = CASES[name]
         best: dict[str, dict[str, Any]] = {}
         for side in (["baseline", "fineray"] if a.side == "both" else [a.side]) * a.repeat:
-            if side == "baseline" and (case.method != "lora" or "nocompile" in name):
+            if side == "baseline" and (case.method != "lora" or "nocompile" in name or case.overrides):
                 continue
             t0 = time.perf_counter()
             try:
