@@ -258,7 +258,18 @@ class FSDPStrategy(Strategy):
     def _options(self, model: torch.nn.Module, full: bool) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=_is_peft(model))
+        peft = _is_peft(model)
+        return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=peft, strict=not peft)
+
+    @staticmethod
+    def _trainable_only(model: torch.nn.Module, msd: dict[str, Any]) -> dict[str, Any]:
+        # An adapter run checkpoints its trainable tensors only. `ignore_frozen_params` drops frozen
+        # parameters, but bitsandbytes' 4-bit layers add non-parameter entries (absmax, quant_map,
+        # quant_state...) to the state dict, which a fresh QLoRA model cannot load back.
+        if not _is_peft(model):
+            return msd
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in msd.items() if k in keep}
 
     def save(self, target: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: LoopState,
              final: bool = False) -> None:
@@ -267,7 +278,7 @@ class FSDPStrategy(Strategy):
 
         def write(out: Path) -> None:
             msd, osd = get_state_dict(model, optimizer, options=self._options(model, False))
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out / "shards"))
+            dcp.save({"model": self._trainable_only(model, msd), "optim": osd}, checkpoint_id=str(out / "shards"))
             if _is_peft(model) or final:
                 full = get_model_state_dict(model, options=self._options(model, True))  # collective
                 if self.session.rank == 0:
@@ -283,7 +294,7 @@ class FSDPStrategy(Strategy):
 
         ckpt = Path(ckpt)
         msd, osd = get_state_dict(model, optimizer, options=self._options(model, False))
-        blob = {"model": msd, "optim": osd}
+        blob = {"model": self._trainable_only(model, msd), "optim": osd}
         dcp.load(blob, checkpoint_id=str(ckpt / "shards"))
         set_state_dict(model, optimizer, model_state_dict=blob["model"], optim_state_dict=blob["optim"],
                        options=self._options(model, False))

@@ -93,18 +93,27 @@ def test_fsdp_in_process_sharded_checkpoint_resume_and_consolidation(tmp_path: P
         torch.testing.assert_close(offline[k], online[k])
 
 
-def test_fsdp_lora_checkpoint_has_the_adapter(tmp_path: Path, process_group):
+def test_fsdp_lora_checkpoint_has_the_adapter_and_resumes(tmp_path: Path, process_group):
+    import torch.distributed.checkpoint as dcp
+
     from fineray.train.loop import train_loop
 
-    cfg = load_config(None, BASE + ["train.strategy=fsdp", "train.max_steps=2", "train.eval_every=2"])
-    s = LocalSession(tmp_path)
-    train_loop(cfg, s)
+    cfg = load_config(None, BASE + ["train.strategy=fsdp", "train.max_steps=4", "train.eval_every=2",
+                                    "train.fsdp.activation_checkpointing=false"])
+    s = LocalSession(tmp_path / "a")
+    ref = train_loop(cfg, s)
     ck = s.checkpoints[-1]
     assert {p.name for p in (ck / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     from safetensors.torch import load_file
 
     keys = list(load_file(ck / "adapter" / "adapter_model.safetensors"))
     assert keys and all("lora_" in k for k in keys)
+    # the sharded checkpoint holds the trainable tensors only (QLoRA's 4-bit state entries would not load back)
+    saved = dcp.FileSystemReader(str(s.checkpoints[0] / "shards")).read_metadata().state_dict_metadata
+    assert {k for k in saved if k.startswith("model.")} and all("lora_" in k for k in saved if k.startswith("model."))
+    resumed = train_loop(cfg, LocalSession(tmp_path / "b", resume_from=str(s.checkpoints[0])))
+    assert [r["train_loss"] for r in resumed.history[2:]] == pytest.approx(
+        [r["train_loss"] for r in ref.history[2:]], rel=1e-5)
 
 
 # ---------------------------------------------------------------------- 2 workers through Ray Train (gloo, CPU)
