@@ -11,6 +11,10 @@ import pytest
 # Quieter and faster Ray Train in tests (pitfalls: report barriers wait for the controller's poll).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No model hub here (CI has PyPI only): fail hub lookups at once instead of after ~20 s of connection retries.
+# The hub code paths still run and must still give their clear errors (tests/train/test_model.py, test_data.py).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

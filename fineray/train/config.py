@@ -142,6 +142,7 @@ class FastConfig(_Section):
             length changes every time do not fragment memory or call cudaMalloc (GPU only).
         compile_attention: keep the varlen attention inside each layer's compiled graph (one graph per layer
             instead of three; the lengths become symbolic). Off: attention runs eager between two graphs.
+            `auto`: on with `compile` and the varlen kernel (8B shape, short steps: 4.0x vs 3.15x HF).
         balance_ranks: with several workers, deal each step's documents to the ranks by tokens (longest
             first to the lightest rank) so no rank waits for a heavier one at the gradient all-reduce.
             `auto`: on when packing.
@@ -153,7 +154,7 @@ class FastConfig(_Section):
     compile: bool | Literal["auto"] = "auto"
     group_by_length: bool = False
     expandable_segments: bool | Literal["auto"] = "auto"
-    compile_attention: bool = False
+    compile_attention: bool | Literal["auto"] = "auto"
     balance_ranks: bool | Literal["auto"] = "auto"
 
 

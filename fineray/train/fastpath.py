@@ -80,7 +80,7 @@ def resolve_fast(cfg: Any, use_gpu: bool, dtype: torch.dtype | None = None) -> F
                     chunk_tokens=f.loss_chunk_tokens, compile=compile_, group_by_length=f.group_by_length,
                     expandable_segments=use_gpu and _auto(f.expandable_segments, True),
                     pad_multiple=8 if use_gpu else 1,
-                    compile_attention=compile_ and f.compile_attention and attention == "varlen",
+                    compile_attention=compile_ and _auto(f.compile_attention, True) and attention == "varlen",
                     balance_ranks=_auto(f.balance_ranks, packing))
 
 

@@ -5,8 +5,8 @@ Memory model (bytes per GPU; W = workers, T = tokens per micro-batch = batch_siz
 case for both padded and packed batches; h, i, kv = hidden, MLP and key/value widths; L layers; V vocab):
 
   weights       params x 2 (bf16 on GPU; 4 for fp32), QLoRA linears x 0.516 (NF4 + double-quantised
-                absmax) and its other params x 4 (PEFT's k-bit preparation upcasts them to fp32); /W for the
-                sharded parts under FSDP and ZeRO-3
+                absmax) and its other params x 2 (fineray casts the frozen ones back to bf16 after PEFT's
+                k-bit preparation); /W for the sharded parts under FSDP and ZeRO-3
   adapter       LoRA params x 16 (fp32 weight, grad, two AdamW moments; PEFT keeps adapters in fp32;
                 10 with the 8-bit optimiser)
   full FT       DDP: +8 per param (bf16 grad, DDP bucket copy, two bf16 AdamW moments: the loop trains bf16
@@ -16,8 +16,9 @@ case for both padded and packed batches; h, i, kv = hidden, MLP and key/value wi
   activations   T x L x (18h + 6kv + 8i) bytes: the tensors autograd keeps per token and block for bf16
                 Llama-style blocks with flash/SDPA attention (RMSNorm fp32 copies, q/k/v, rotary outputs,
                 attention output, the four MLP tensors); x0.8 with regional compilation (fused norms and
-                SwiGLU keep fewer copies); x1.5 for QLoRA (PEFT's k-bit preparation upcasts the norms, so
-                the residual stream and most block tensors are fp32; fitted to one H200 measurement);
+                SwiGLU keep fewer copies); QLoRA's blocks keep bf16 tensors like LoRA's (its frozen norms
+                stay bf16; with PEFT's fp32 upcast they measured x1.5 on an 8B shape);
+                with `train.micro_batch_tokens`, T is the largest chunk: min(T, max(N, max_seq_len));
                 LoRA dropout > 0 adds 3 x (6h + i) (dropped copies + masks);
                 with activation checkpointing: T x L x 2h (block inputs) + one block's activations
   logits        plain loss: T x V x 14 (bf16 logits, fp32 copy, log-softmax, its gradient);
@@ -257,6 +258,8 @@ def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> M
     t, gpu = cfg.train, cfg.scaling.use_gpu
     w = max(1, cfg.scaling.num_workers)
     T = tokens if tokens is not None else t.batch_size * cfg.data.max_seq_len
+    if t.micro_batch_tokens:  # chunks of whole documents: at most N tokens, or one document longer than N
+        T = min(T, max(t.micro_batch_tokens, cfg.data.max_seq_len))
     wb = 2 if (gpu and cfg.model.dtype in ("auto", "bfloat16", "float16")) or cfg.model.dtype in (
         "bfloat16", "float16") else 4
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
@@ -268,8 +271,8 @@ def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> M
     linear = shape.layers * shape.block_linear_params
     other = shape.embed_params + shape.norm_params
     if cfg.method == "qlora":
-        # NF4 blocks of 64 + 8-bit absmax; embeddings/head/norms are upcast to fp32 by PEFT's k-bit preparation
-        parts["weights (4-bit base)"] = linear * 0.516 + other * 4 / (w if strat == "fsdp" else 1)
+        # NF4 blocks of 64 + 8-bit absmax; embeddings/head/norms stay bf16 (model.apply_peft undoes PEFT's upcast)
+        parts["weights (4-bit base)"] = linear * 0.516 + other * 2 / (w if strat == "fsdp" else 1)
     elif cfg.method == "full":
         n = shape.params
         if strat == "fsdp":
@@ -305,8 +308,6 @@ def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> M
     per_block = (18 * h + 6 * kv + 8 * i) * (wb / 2)
     if compile_on:
         per_block *= 0.8
-    if cfg.method == "qlora":
-        per_block *= 1.5  # PEFT's k-bit preparation makes the norms fp32: an fp32 residual stream
     if cfg.lora.dropout > 0 and cfg.method != "full":
         per_block += 3 * (6 * h + i)
     if ckpt:

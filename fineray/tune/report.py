@@ -77,7 +77,8 @@ def _error_text(err: BaseException) -> str:
 
 
 def trial_records(grid: Any, keys: list[str], tcfg: TuneConfig, attempts: dict[str, int]) -> list[dict[str, Any]]:
-    """Records of every trial of a Tune ResultGrid, in creation order."""
+    """Records of every trial of a Tune ResultGrid, in the grid's order (after `--resume` that is not
+    necessarily the order the trials were created in)."""
     out = []
     for r in grid:
         m = dict(r.metrics or {})

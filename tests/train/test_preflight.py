@@ -52,7 +52,13 @@ def test_estimate_components_follow_the_strategy():
     q = estimate_memory(load_config(None, ["model.base=meta-llama/Llama-3.1-8B", "method=qlora",
                                            "scaling.use_gpu=true"]), shape)
     lora = estimate_memory(load_config(None, ["model.base=meta-llama/Llama-3.1-8B", "scaling.use_gpu=true"]), shape)
-    assert q.parts["weights (4-bit base)"] < 0.5 * lora.parts["weights"]  # embeddings/head upcast to fp32
+    assert q.parts["weights (4-bit base)"] < 0.4 * lora.parts["weights"]  # 4-bit linears, bf16 embeddings/head
+    assert q.parts["activations"] == lora.parts["activations"]  # bf16 blocks either way
+    split = estimate_memory(load_config(None, ["model.base=meta-llama/Llama-3.1-8B", "scaling.use_gpu=true",
+                                               "train.micro_batch_tokens=1024", "data.max_seq_len=2048"]),
+                           shape, tokens=8192)
+    assert split.tokens == 2048  # chunks of whole documents: one max_seq_len (2048) document at worst
+    assert split.parts["activations"] == lora.parts["activations"] * 2048 / lora.tokens
     chunked = estimate_memory(load_config(None, ["model.base=meta-llama/Llama-3.1-8B", "scaling.use_gpu=true",
                                                  "train.fast.chunked_loss=true", "train.batch_size=16"]), shape)
     plain = estimate_memory(load_config(None, ["model.base=meta-llama/Llama-3.1-8B", "scaling.use_gpu=true",

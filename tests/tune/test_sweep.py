@@ -136,8 +136,9 @@ def test_best_trial_has_the_best_reported_metric(sweep: dict[str, Any]) -> None:
     # Assert
     assert res.best["trial_id"] == min(losses, key=losses.get)
     assert res.best["metrics"]["val_loss"] == min(losses.values())
-    # the first trial evaluated the base config's own values (points_to_evaluate)
-    assert res.trials[0]["params"] == {"train.lr": 1.0e-3, "lora.r": 8}
+    # one trial evaluated the base config's own values (points_to_evaluate; TPE draws nothing this round).
+    # Which position it has in the list depends on Tune's result order after the resume, not on creation.
+    assert {"train.lr": 1.0e-3, "lora.r": 8} in [r["params"] for r in res.trials]
 
 
 def test_best_adapter_is_registered_with_hashes_and_hyperparameters(sweep: dict[str, Any]) -> None:
