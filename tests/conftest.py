@@ -18,6 +18,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
+def shared_ray():
+    """One private local Ray (2 CPUs, no dashboard) for the in-process Ray tests of serve, train and tune.
+
+    Starting Ray costs ~10 s on this 2-core machine; fineray's components reuse an initialised Ray and shut
+    down only what they started, so modules can share it. A test that stops it (`no_ray`) only makes later
+    users start their own again, as they would without this fixture.
+    """
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The cached tiny:llama model directory (built once, well under a second)."""
     from fineray.train._tiny import tiny_model_dir

@@ -13,7 +13,8 @@ from fineray.train.registry import AdapterRegistry
 pytestmark = pytest.mark.integration
 
 
-def test_generate_offline_in_order_with_per_record_errors(tmp_path, adapter_dirs, tiny_tok, peft_reference):
+def test_generate_offline_in_order_with_per_record_errors(tmp_path, adapter_dirs, tiny_tok, peft_reference,
+                                                         shared_ray):
     # Prepare
     reg = AdapterRegistry(str(tmp_path / "registry"))
     reg.register("alpha", adapter_dirs["alpha"], base_model="tiny:llama", method="lora")

@@ -44,7 +44,7 @@ def _write_config(path: Path, split: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, adapter_dirs: dict[str, Path]):
+def server(tmp_path_factory: pytest.TempPathFactory, adapter_dirs: dict[str, Path], shared_ray):
     from fineray.serve import load_serve_config, run_server
 
     root = tmp_path_factory.mktemp("serve")

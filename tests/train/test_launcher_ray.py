@@ -13,7 +13,7 @@ from fineray.train.registry import AdapterRegistry, sha256_file
 pytestmark = pytest.mark.integration
 
 
-def test_two_worker_ray_train_run_end_to_end(tmp_path: Path):
+def test_two_worker_ray_train_run_end_to_end(tmp_path: Path, shared_ray):
     cfg = load_config(None, [
         "model.base=tiny:llama", "train.max_steps=10", "train.eval_every=5", "train.batch_size=4",
         "train.lr=1e-2", "lora.r=8", "scaling.num_workers=2", "cluster.num_cpus=2",

@@ -60,7 +60,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def sweep(tmp_path_factory: pytest.TempPathFactory, shared_ray) -> dict[str, Any]:
     """Run the sweep in a subprocess, kill it after its first finished trial, resume it here."""
     from ray.tune import ExperimentAnalysis
 
@@ -189,7 +189,7 @@ def test_eval_metric_of_the_best_adapter(sweep: dict[str, Any]) -> None:
     assert metrics["perplexity"] > 1.0
 
 
-def test_failing_trials_are_retried_listed_and_do_not_kill_the_sweep(tmp_path: Path) -> None:
+def test_failing_trials_are_retried_listed_and_do_not_kill_the_sweep(tmp_path: Path, shared_ray) -> None:
     """Each value is valid alone, the combination is not: every trial fails in its own driver, is retried
     once (tune.max_failures) and the sweep still returns, listing the errors and registering nothing."""
     from fineray.train.config import validate_config
