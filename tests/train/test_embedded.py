@@ -18,11 +18,11 @@ def test_embedded_model_loads_offline_and_its_loss_falls_on_support_tickets(tmp_
     # Prepare: the cached conversion (first use converts the GGUF, ~20 s; afterwards ~1 s)
     path = Path(resolve_base(EMBEDDED_MODEL))
     assert (path / "model.safetensors").is_file() and (path / ".complete").is_file()
-    cfg = load_config(None, ["train.max_steps=6", "train.batch_size=4", "train.lr=1e-3", "train.warmup_ratio=0",
-                             "train.eval_every=100", "data.validation=null", "data.max_seq_len=192",
-                             "eval.enabled=false"])
+    cfg = load_config(None, ["train.max_steps=4", "train.batch_size=2", "train.lr=2e-3", "train.warmup_ratio=0",
+                             "train.scheduler=constant", "train.eval_every=100", "data.validation=null",
+                             "data.max_seq_len=160", "eval.enabled=false"])
     assert cfg.model.base == EMBEDDED_MODEL
-    # Execute: the real model and tokenizer, then six LoRA steps of the quickstart's data in-process
+    # Execute: the real model and tokenizer, then four LoRA steps of the quickstart's data in-process
     tok = load_tokenizer(cfg.model, str(path))
     model = load_base_model(cfg.model, path=str(path))
     state = train_loop(cfg, LocalSession(tmp_path))
@@ -35,4 +35,4 @@ def test_embedded_model_loads_offline_and_its_loss_falls_on_support_tickets(tmp_
         logits = model(**tok("Hello", return_tensors="pt")).logits
     assert torch.isfinite(logits).all()
     losses = [r["train_loss"] for r in state.history]
-    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
+    assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
