@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -80,6 +81,10 @@ def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = No
 
     from fineray.train.loop import ray_worker_entry
 
+    # Ray Train V2 patches `print` in its workers to log through its logger *and* (because Ray wraps the
+    # worker's stdout) print again: every step line reached the console twice. The trainer passes this
+    # variable on to its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     sc = cfg.scaling
     resources = dict(sc.resources_per_worker or {})
     if not sc.use_gpu:

@@ -19,6 +19,9 @@ def test_plateau_and_erratic():
     assert "plateau" in _kinds(plateau)
     erratic = [{"train_loss": 1.0 if i % 2 else 3.0} for i in range(20)]
     assert "erratic" in _kinds(erratic)
+    # a converged run's jitter (the quickstart: 0.62 -> ~0.03 +- 0.01) is not erratic
+    converged = [{"train_loss": v} for v in [0.62, 0.35, 0.2, 0.12, 0.08, 0.05, 0.04] + [0.02, 0.035] * 6]
+    assert "erratic" not in _kinds(converged)
 
 
 def test_healthy_run_has_no_findings():
