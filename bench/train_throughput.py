@@ -1,7 +1,8 @@
 """Training throughput: HF Trainer + PEFT (baseline) vs fineray's training loop, same shapes, same data.
 
 Method (issue 8):
-  * Models: random-init Llama shapes from config (no hub): `1b` = Llama-3.2-1B (16 layers, d 2048, MLP 8192,
+  * Models: random-init Llama shapes from config (no hub), or the embedded model's real weights (`smollm2`,
+    CPU comparison): `1b` = Llama-3.2-1B (16 layers, d 2048, MLP 8192,
     32/8 heads, vocab 128256, tied embeddings); `8b` = Llama-3-8B (32 layers, d 4096, MLP 14336, 32/8 heads,
     vocab 128256); `tiny` = fineray's tiny:llama shape (CPU comparison). bf16 weights on GPU, seed 0.
   * Adapter: LoRA r=16, alpha=32, dropout 0, all linear layers of the blocks (PEFT `all-linear`).
@@ -51,6 +52,9 @@ PEAK_TFLOPS = 790.0
 SHAPES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": False},
+    # the embedded SmolLM2-135M-Instruct: its real (GGUF-converted) weights are loaded, not a random init
+    "smollm2": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "head_dim": 64},
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
            "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 64},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -75,6 +79,7 @@ CASES = {
     "tiny-real16": Case("tiny", 16, "realistic", steps=10, warmup=2, compile=False),
     "tiny-smoke": Case("tiny", 4, "realistic", steps=3, warmup=1, compile=False),
     "tiny-real8": Case("tiny", 8, "realistic", steps=6, warmup=1, compile=False),
+    "smollm2-real4": Case("smollm2", 4, "realistic", steps=3, warmup=1, compile=False),
     "1b-real16": Case("1b", 16, "realistic"),
     "1b-real16-nocompile": Case("1b", 16, "realistic", compile=False),
     "1b-full8": Case("1b", 8, "full"),
@@ -120,6 +125,15 @@ def batch_order(n_docs: int, batch: int, seed: int) -> list[list[int]]:
 def build_model(shape: str, device: str, method: str = "lora") -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
+    if shape == "smollm2":  # the embedded model itself (fineray's cached conversion of the GGUF)
+        from fineray.train.config import EMBEDDED_MODEL
+        from fineray.train.model import resolve_base
+
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = LlamaForCausalLM.from_pretrained(resolve_base(EMBEDDED_MODEL), dtype=dtype).to(device)
+        model.config._attn_implementation = "sdpa"
+        model.config.use_cache = False
+        return model
     torch.manual_seed(0)
     cfg = llama_config(shape)
     cfg._attn_implementation = "sdpa"
