@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fineray.cluster.connect import init_ray
 from fineray.federated.config import FederatedConfig, SiloSpec, federated_config
 from fineray.federated.federation import Federation
 from fineray.federated.outputs import check_run_config, federation_run_dir, finalize
@@ -281,18 +282,11 @@ def run_simulation(cfg: RunConfig, *, progress: bool = True, console: Any = None
 
         console = Console()
     t0 = time.perf_counter()
-    started = False
-    if not ray.is_initialized():
-        custom: dict[str, float] = {}
-        for s in fcfg.silos:
-            for k, v in (s.resources or {}).items():
-                custom[k] = custom.get(k, 0) + v
-        if cfg.cluster.address:
-            ray.init(address=cfg.cluster.address, logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", num_cpus=cfg.cluster.num_cpus, resources=custom or None,
-                     include_dashboard=False, logging_level=logging.WARNING)
-        started = True
+    custom: dict[str, float] = {}
+    for s in fcfg.silos:
+        for k, v in (s.resources or {}).items():
+            custom[k] = custom.get(k, 0) + v
+    started = init_ray(cfg.cluster.address, cfg.cluster.num_cpus, resources=custom or None)
     silos = _Silos(cfg, fcfg, run_dir)
     try:
         _check_placement(fcfg)

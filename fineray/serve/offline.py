@@ -111,7 +111,7 @@ def generate_offline(model_ref: str | None, input_path: str | Path, output_path:
     """
     import ray
 
-    from fineray.serve._ray import init_ray
+    from fineray.cluster.connect import init_ray
     from fineray.train.registry import AdapterRegistry
 
     t0 = time.perf_counter()

@@ -33,6 +33,8 @@ def _cfg(tmp: Path, **fed):
 def private_ray():
     import ray
 
+    if ray.is_initialized():  # another module's shared Ray (tests/conftest.py) lacks the silo resource
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, resources={"silo:acme": 1}, include_dashboard=False,
              logging_level=logging.WARNING)
     yield
