@@ -153,9 +153,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, Any], fast: FastPath) -> tuple[torch.Tensor, int]:
-    """Mean loss over the batch's target tokens and their count (same value as the plain HF loss)."""
+    """Mean loss over the batch's target tokens and their count (same value as the plain HF loss), for a
+    batch from `make_batch`."""
     labels = batch["labels"]
-    n_target = batch["n_target"] if "n_target" in batch else int((labels[:, 1:] != IGNORE_INDEX).sum())
+    n_target = batch["n_target"]  # counted on the host by make_batch
     if fast.packing:
         inputs = packed_model_inputs(batch, fast.attention)
     else:
