@@ -1,9 +1,10 @@
 """The generation engine: one base model, LoRA adapters by name, and a batched decode loop in one thread.
 
-Rows of a batch may use different adapters (see `fineray.serve.adapters`). With continuous
-(iteration-level) batching, new requests are prefilled together between decode steps and merged into the
-running batch (see `fineray.serve.kvcache`). Models whose cache is not a plain dynamic KV cache (sliding-
-window or linear-attention layers) fall back to static batching.
+Rows of a batch may use different adapters (see `fineray.serve.adapters`). With continuous (iteration-level)
+batching, new requests join the running batch between decode steps. Two batch kinds run the model
+(`fineray.serve._batch`): on a GPU, Llama-family models use fixed KV slots with decode steps replayed as
+CUDA graphs (`fineray.serve._static`); other models, and the CPU by default, use a growing transformers
+`DynamicCache` (`fineray.serve._dynamic`). `cache="static"|"dynamic"` picks one explicitly.
 
 Everything that touches the model (forward passes, adapter loads and deletions) runs in the engine thread,
 so an adapter is never deleted under a running forward pass; an adapter evicted while rows still use it is
@@ -13,8 +14,8 @@ deleted when the last of them finishes.
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
+import random
 import threading
 import time
 import uuid
@@ -26,9 +27,9 @@ from typing import Any
 
 import torch
 
-from fineray.serve import kvcache
+from fineray.serve._batch import Batch, Row
 from fineray.serve.adapters import BASE, AdapterError, AdapterNotServable, LoraAdapters
-from fineray.serve.sampling import RowSampler, SamplingParams, TextTracker, sample_rows
+from fineray.serve.sampling import RowSampler, SamplingParams, TextTracker
 
 __all__ = [
     "BASE",
@@ -90,14 +91,6 @@ class _Adapter:
     evict: bool = False
 
 
-class _Row:
-    __slots__ = ("adapter", "done", "generated", "length", "next_token", "req", "sampler", "tracker")
-
-    def __init__(self, req: GenRequest, sampler: RowSampler, tracker: TextTracker, adapter: str):
-        self.req, self.sampler, self.tracker, self.adapter = req, sampler, tracker, adapter
-        self.next_token, self.length, self.generated, self.done = 0, len(req.prompt_ids), 0, False
-
-
 def resolve_device(device: str) -> torch.device:
     """`auto` is cuda when a GPU is visible, else cpu."""
     if device == "auto":
@@ -117,16 +110,24 @@ class Engine:
         continuous: admit new requests between decode steps (else only when the batch is empty).
         threads: torch intra-op threads (process-wide; set it to the CPUs the replica owns).
         on_step: called after every forward pass with (kind, rows, distinct adapters, seconds).
+        cache: `auto` (static slots + CUDA graphs on a GPU for Llama-family models, else dynamic), `static`
+            or `dynamic`.
+        cuda_graphs: replay decode steps as CUDA graphs (static cache on a GPU only).
+        prefill_tokens: prompt tokens prefilled per iteration by the static cache (chunked prefill).
     """
 
     def __init__(self, base: str, *, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
                  continuous: bool = True, threads: int | None = None,
-                 on_step: Callable[[str, int, int, float], None] | None = None):
+                 on_step: Callable[[str, int, int, float], None] | None = None, cache: str = "auto",
+                 cuda_graphs: bool = True, prefill_tokens: int | None = None):
+        from fineray.serve._decoder import supports
         from fineray.train.config import ModelConfig
         from fineray.train.model import load_base_model, load_tokenizer, resolve_base
 
         if threads:
             torch.set_num_threads(threads)
+        if cache not in ("auto", "static", "dynamic"):
+            raise EngineError(f"cache must be auto, static or dynamic, not {cache!r}")
         self.device = resolve_device(device)
         mcfg = ModelConfig(base=base, dtype=dtype)
         path = resolve_base(base)
@@ -138,8 +139,6 @@ class Engine:
         self.lora = LoraAdapters(model, self.device, base)
         self.base = base
         self.vocab = model.get_output_embeddings().weight.shape[0]
-        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, and goes in 5.40)
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = eos if isinstance(eos, list) else [eos]
@@ -149,20 +148,41 @@ class Engine:
         self._gen = torch.Generator(device=self.device)
         self._gen.seed()
 
+        why_not = supports(model)
+        if cache == "auto":
+            cache = "static" if self.device.type == "cuda" and why_not is None else "dynamic"
+        elif cache == "static" and why_not is not None:
+            raise EngineError(f"cache=static needs a Llama-family model: {why_not}")
+        self.cache = cache
+        self.batch: Batch
+        if cache == "static":
+            from fineray.serve._static import StaticBatch
+
+            gpu = self.device.type == "cuda"
+            self.batch = StaticBatch(model, self.lora, self.device, max_rows=max_batch_size, report=self._report,
+                                     capacity=1024 if gpu else 256, graphs=cuda_graphs,
+                                     prefill_tokens=prefill_tokens or (2048 if gpu else 512),
+                                     rng=random.Random(int(torch.randint(0, 1 << 62, (1,)))))
+        else:
+            from fineray.serve._dynamic import DynamicBatch
+
+            self.batch = DynamicBatch(model, self.lora, self.device, max_rows=max_batch_size, pad_id=self.pad_id,
+                                      continuous=continuous, report=self._report)
+        log.info("engine: %s cache on %s%s", cache, self.device,
+                 "" if cache == "static" or why_not is None else f" ({why_not})")
+
         self._cv = threading.Condition()
         self._pending: collections.deque[GenRequest] = collections.deque()
         self._commands: list[tuple[Callable[[], Any], Future]] = []
         self._cancelled: set[str] = set()
         self._adapters: dict[str, _Adapter] = {}
         self._closed = False
-        self._rows: list[_Row] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None
-        self._plain_cache = True  # cleared when the model's cache layers cannot be merged/trimmed
-        self._prefilling: list[_Row] = []
-        self._step_s = 0.01  # moving average of a decode step (admission waits a few of them at most)
         self._thread = threading.Thread(target=self._loop, name="fineray-engine", daemon=True)
         self._thread.start()
+
+    def _report(self, kind: str, rows: int, adapters: int, seconds: float) -> None:
+        if self.on_step is not None:
+            self.on_step(kind, rows, adapters, seconds)
 
     # ------------------------------------------------------------------ adapters (any thread)
     def load_adapter(self, key: str, path: str | Path, timeout: float | None = None) -> None:
@@ -308,155 +328,79 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._commands or self._pending or self._rows or self._closed or self._cancelled
+                while not (self._commands or self._pending or self.batch.rows() or self._closed or self._cancelled
                            or any(v.evict and v.refs <= 0 for v in self._adapters.values())):
                     self._cv.wait()
                 if self._closed:
                     break
                 commands, self._commands = self._commands, []
                 cancelled, self._cancelled = self._cancelled, set()
-                pending = [r for r in self._pending if r.request_id in cancelled]
-                for r in pending:
+                dropped = [r for r in self._pending if r.request_id in cancelled]
+                for r in dropped:
                     self._pending.remove(r)
                 new: list[GenRequest] = []
-                if self._admit_now():
-                    while self._pending and len(self._rows) + len(new) < self.max_batch_size:
-                        new.append(self._pending.popleft())
-            for r in pending:
+                if self._pending:
+                    take = self.batch.room(len(self._pending), time.monotonic() - self._pending[0].queued_at)
+                    if not self.continuous and self.batch.rows():
+                        take = 0
+                    new = [self._pending.popleft() for _ in range(take)]
+            for r in dropped:
                 self._finish_req(r, GenEvent(finish_reason="cancelled"))
             for fn, fut in commands:
                 try:
                     fut.set_result(fn())
                 except Exception as e:  # noqa: BLE001 - reported to the caller
                     fut.set_exception(e)
-            if cancelled and self._rows:
-                for row in self._rows:
-                    if row.req.request_id in cancelled:
-                        self._finish(row, "cancelled", "")
-                self._drop_finished()
             try:
+                if cancelled:
+                    gone = [row for row in self.batch.rows() if row.req.request_id in cancelled]
+                    for row in gone:
+                        self._finish(row, "cancelled", "")
+                    self.batch.remove(gone)
                 with torch.inference_mode():
                     if new:
-                        self._prefill(new)
-                    if self._rows:
-                        self._step()
+                        self.batch.admit([self._new_row(r) for r in new])
+                    self._advance(self.batch.prefill())
+                    self._advance(self.batch.decode())
             except Exception as e:
                 log.exception("generation failed")
-                for row in self._rows + self._prefilling:
+                for row in self.batch.rows():
                     if not row.done:
                         row.done = True
                         self._finish_req(row.req, GenEvent(error=f"{type(e).__name__}: {e}"))
-                self._rows, self._cache, self._mask = [], None, None
-            self._prefilling = []
+                self.batch.clear()
             self._collect_adapters()
-        for r in list(self._pending) + [row.req for row in self._rows if not row.done]:
+        for r in list(self._pending) + [row.req for row in self.batch.rows() if not row.done]:
             self._finish_req(r, GenEvent(error="engine is shutting down"))
 
-    def _admit_now(self) -> bool:
-        """Whether queued requests join now (caller holds the lock).
+    def _new_row(self, req: GenRequest) -> Row:
+        return Row(req, RowSampler(req.params, self.vocab, self.device, self._gen),
+                   TextTracker(self.tokenizer, req.params.stop), req.adapter)
 
-        Joining a running batch copies its whole KV cache (pad + concatenate), so with a batch running the
-        engine waits until a quarter of the free rows can be filled at once, or the oldest request has waited
-        a few decode steps: the copy is amortised and no request waits long.
-        """
-        if not self._pending:
-            return False
-        if not self._rows:
-            return True
-        if not (self.continuous and self._plain_cache):
-            return False
-        free = self.max_batch_size - len(self._rows)
-        waited = time.monotonic() - self._pending[0].queued_at
-        return free > 0 and (len(self._pending) >= max(1, free // 4) or waited > 4 * self._step_s)
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
-                 rows: list[_Row], kind: str) -> torch.Tensor:
-        t0 = time.perf_counter()
-        self.lora.select([r.adapter for r in rows])
-        try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                             **{self._cache_kw: cache})
-        finally:
-            self.lora.done()
-        logits = out.logits[:, -1, :]
-        if self.on_step is not None:
-            self.on_step(kind, len(rows), len({r.req.adapter for r in rows}), time.perf_counter() - t0)
-        return logits
-
-    def _new_row(self, req: GenRequest) -> _Row:
-        return _Row(req, RowSampler(req.params, self.vocab, self.device, self._gen),
-                    TextTracker(self.tokenizer, req.params.stop), req.adapter)
-
-    def _prefill(self, reqs: list[GenRequest]) -> None:
-        from transformers import DynamicCache
-
-        rows = self._prefilling = [self._new_row(r) for r in reqs]
-        width = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), width), dtype=torch.long)
-        for i, r in enumerate(reqs):  # left padding: every row's last prompt token is in the last column
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self._forward(ids, mask, pos, cache, rows, "prefill")
-        self._plain_cache = self._plain_cache and kvcache.is_plain(cache)
-        keep = self._advance(rows, sample_rows(logits, [r.sampler for r in rows]))
-        if not keep:
-            return
-        if len(keep) < len(rows) and self._plain_cache:
-            mask, rows = kvcache.select_rows(cache, mask, keep), [rows[i] for i in keep]
-        self._merge(cache, mask, rows)
-
-    def _merge(self, cache: Any, mask: torch.Tensor, rows: list[_Row]) -> None:
-        if not self._rows:
-            self._cache, self._mask, self._rows = cache, mask, rows
-            self._trim()
-            return
-        assert self._mask is not None
-        self._mask = kvcache.join(self._cache, self._mask, cache, mask)
-        self._rows = self._rows + rows
-
-    def _step(self) -> None:
-        rows = self._rows
-        assert self._mask is not None
-        ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
-        pos = torch.tensor([[r.length] for r in rows], device=self.device)
-        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=self._mask.dtype,
-                                                       device=self.device)], dim=1)
-        t0 = time.perf_counter()
-        logits = self._forward(ids, self._mask, pos, self._cache, rows, "decode")
-        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - t0)  # moving average
-        live = [r for r in rows if not r.done]
-        for r in rows:
-            r.length += 1
-        tokens = sample_rows(logits, [r.sampler for r in rows])
-        self._advance(live, [tokens[i] for i, r in enumerate(rows) if not r.done])
-        self._drop_finished()
-
-    def _advance(self, rows: list[_Row], tokens: list[int]) -> list[int]:
-        """Record one sampled token per row; emit text; return the indices of rows still running."""
-        keep = []
-        for i, (row, tok) in enumerate(zip(rows, tokens)):
+    def _advance(self, pairs: list[tuple[Row, int]]) -> None:
+        """Record one sampled token per row; emit text; hand finished rows back to the batch."""
+        finished = []
+        for row, tok in pairs:
             row.generated += 1
             row.sampler.observe(tok)
             if tok in self.eos_ids:
                 self._finish(row, "stop", "", eos=tok)
-                continue
-            delta, stopped = row.tracker.add(tok)
-            if stopped:
-                self._finish(row, "stop", delta)
-            elif row.generated >= row.req.params.max_tokens or row.length + 1 >= self.max_context:
-                self._finish(row, "length", delta)
             else:
-                if delta:
-                    row.req.emit(GenEvent(text=delta, tokens=row.generated))
-                row.next_token = tok
-                keep.append(i)
-        return keep
+                delta, stopped = row.tracker.add(tok)
+                if stopped:
+                    self._finish(row, "stop", delta)
+                elif row.generated >= row.req.params.max_tokens or row.length + 1 >= self.max_context:
+                    self._finish(row, "length", delta)
+                else:
+                    if delta:
+                        row.req.emit(GenEvent(text=delta, tokens=row.generated))
+                    row.next_token = tok
+                    continue
+            finished.append(row)
+        if finished:
+            self.batch.remove(finished)
 
-    def _finish(self, row: _Row, reason: str, delta: str, eos: int | None = None) -> None:
+    def _finish(self, row: Row, reason: str, delta: str, eos: int | None = None) -> None:
         row.done = True
         text = delta + row.tracker.flush() if reason != "cancelled" else ""
         ids = row.tracker.ids + ([eos] if eos is not None else [])
@@ -468,24 +412,3 @@ class Engine:
         except Exception:
             log.debug("emit failed", exc_info=True)
         self.release(req.adapter)
-
-    def _drop_finished(self) -> None:
-        if not self._plain_cache:  # cannot shrink this cache: finished rows ride along until all are done
-            if all(r.done for r in self._rows):
-                self._rows, self._cache, self._mask = [], None, None
-            return
-        keep = [i for i, r in enumerate(self._rows) if not r.done]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        assert self._mask is not None
-        self._mask = kvcache.select_rows(self._cache, self._mask, keep)
-        self._rows = [self._rows[i] for i in keep]
-        self._trim()
-
-    def _trim(self) -> None:
-        assert self._mask is not None
-        if self._plain_cache:
-            self._mask = kvcache.trim(self._cache, self._mask)

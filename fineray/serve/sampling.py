@@ -3,6 +3,12 @@
 Every row of a batch keeps its own parameters (temperature, top-p, penalties, logit bias, seed), so requests
 with different settings share one forward pass and still sample exactly as if they ran alone: a seeded
 request draws from its own `torch.Generator`, whatever else is in the batch.
+
+`sample_on_device` is the fast path's sampler: the whole batch in a few tensor ops, no host sync, so it
+can sit inside a captured CUDA graph. Its randomness is counter-based (a hash of the row's seed, its step
+and the token id, turned into Gumbel noise: the Gumbel-max trick draws from softmax(logits / T)), so a
+seeded row's draws depend on nothing but its seed and step, never on the batch, and no generator state
+has to live in the graph.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RowSampler", "SamplingParams", "TextTracker", "sample_rows"]
+__all__ = ["RowSampler", "SamplingParams", "TextTracker", "needs_host", "sample_on_device", "sample_rows"]
 
 
 @dataclass
@@ -84,6 +90,63 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
             probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
         out.append(int(torch.multinomial(probs, 1, generator=s.gen)))
     return out
+
+
+def needs_host(params: SamplingParams) -> bool:
+    """Whether a row needs the per-row host sampler (penalties and logit bias keep per-row vocab state)."""
+    return bool(params.presence_penalty or params.frequency_penalty or params.logit_bias)
+
+
+def _signed(x: int) -> int:
+    x &= 0xFFFF_FFFF_FFFF_FFFF
+    return x - (1 << 64) if x >> 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser (wrapping int64 arithmetic)."""
+    x = (x ^ _srl(x, 30)) * _MIX1
+    x = (x ^ _srl(x, 27)) * _MIX2
+    return x ^ _srl(x, 31)
+
+
+def seed_value(seed: int) -> int:
+    """A Python seed as the signed 64-bit value `sample_on_device` takes."""
+    return _signed(seed)
+
+
+def sample_on_device(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
+                     step: torch.Tensor, greedy_only: bool = False) -> torch.Tensor:
+    """Next token per row, `(rows,)` int64, without leaving the device.
+
+    Args:
+        logits: `(rows, vocab)` float. temperature, top_p: `(rows,)` float (temperature 0 = greedy).
+        seed, step: `(rows,)` int64; the noise of (seed, step) is the same in any batch.
+        greedy_only: every row is greedy (skips the noise and the top-p sort).
+    """
+    best = logits.argmax(-1)
+    if greedy_only:
+        return best
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)
+    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p (the first always)
+    ordered, idx = scaled.sort(-1, descending=True)
+    probs = torch.softmax(ordered, -1)
+    drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+    scaled = torch.full_like(scaled, float("-inf")).scatter(-1, idx, ordered.masked_fill(drop, float("-inf")))
+    vocab = torch.arange(logits.shape[1], device=logits.device, dtype=torch.int64)
+    row = _mix64(seed * _GOLDEN + step)
+    bits = _srl(_mix64(row.unsqueeze(1) + vocab * _GOLDEN), 40)  # 24 random bits per (row, token)
+    uniform = (bits.float() + 0.5) * (1.0 / (1 << 24))
+    gumbel = -torch.log(-torch.log(uniform))
+    return torch.where(greedy, best, (scaled + gumbel).argmax(-1))
 
 
 class TextTracker:
