@@ -95,6 +95,8 @@ class StaticBatch:
         self._graph_version: tuple[int, int] = (-1, -1)
         self._pool: Any = None
         self.captures = 0  # graphs captured so far (tests and benches read it)
+        self.timing = False  # record CUDA events around each graph replay (benches: GPU time per step)
+        self._events: list[tuple[Any, Any]] = []
 
     # ------------------------------------------------------------------ bookkeeping
     def rows(self) -> list[Row]:
@@ -168,11 +170,12 @@ class StaticBatch:
         t0 = time.perf_counter()
         width = max(take for _, take in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        pos = torch.arange(width).repeat(len(chunk), 1)  # padding positions: distinct columns of scratch
+        # padding tokens go to the scratch slot (any column below the capacity will do)
+        pos = torch.arange(width).clamp_(max=self.dec.capacity - 1).repeat(len(chunk), 1)
         slot = torch.full((len(chunk), width), self.dec.scratch, dtype=torch.long)
         for i, (r, take) in enumerate(chunk):
             ids[i, :take] = torch.tensor(r.req.prompt_ids[r.cached:r.cached + take])
-            pos[i, :take] += r.cached
+            pos[i, :take] = torch.arange(r.cached, r.cached + take)
             slot[i, :take] = r.slot
         length = max(r.cached + take for r, take in chunk)
         ids, pos, slot = ids.to(self.device), pos.to(self.device), slot.to(self.device)
@@ -274,6 +277,13 @@ class StaticBatch:
         self._pos[:b].add_(self._live[:b])
         self._step[:b].add_(1)
 
+    def gpu_step_ms(self) -> list[float]:
+        """GPU milliseconds of each decode graph replayed since the last call (needs `timing`)."""
+        torch.cuda.synchronize()
+        out = [a.elapsed_time(b) for a, b in self._events]
+        self._events = []
+        return out
+
     def _drop_graphs(self) -> None:
         self._graphs.clear()
 
@@ -318,7 +328,14 @@ class StaticBatch:
             graph = self._graph(key)
             if self._dirty:
                 self._upload()
-            graph.replay()
+            if self.timing:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                self._events.append((start, end))
+            else:
+                graph.replay()
         else:
             self._body(*key)
         if sample == "host":

@@ -142,7 +142,9 @@ class LoraAdapters:
                 raise AdapterError(f"adapter {key!r}: {m} has shape {tuple(b.shape)}x{tuple(a.shape)}, the base "
                                    f"layer is {lin.out_features}x{lin.in_features} (another base model?)")
         slot = next((s for s in range(1, self._capacity) if s not in self._slots.values()), self._capacity)
-        self._grow(slot + 1, max(a.shape[0] for a, _, _ in weights.values()))
+        # capacity doubles (not +1) so a new adapter rarely reallocates the stacks (and invalidates CUDA graphs)
+        self._grow(slot + 1 if slot < self._capacity else 2 * self._capacity,
+                   max(a.shape[0] for a, _, _ in weights.values()))
         for m, (a, b, scale) in weights.items():
             st = self._stack(m)
             r = a.shape[0]

@@ -114,12 +114,15 @@ class Engine:
             or `dynamic`.
         cuda_graphs: replay decode steps as CUDA graphs (static cache on a GPU only).
         prefill_tokens: prompt tokens prefilled per iteration by the static cache (chunked prefill).
+        model, tokenizer: an already loaded HF model (moved to `device`) and its tokenizer, instead of
+            loading `base` (`base` then only names it). Used by in-process rollouts and benchmarks.
     """
 
     def __init__(self, base: str, *, device: str = "auto", dtype: str = "auto", max_batch_size: int = 16,
                  continuous: bool = True, threads: int | None = None,
                  on_step: Callable[[str, int, int, float], None] | None = None, cache: str = "auto",
-                 cuda_graphs: bool = True, prefill_tokens: int | None = None):
+                 cuda_graphs: bool = True, prefill_tokens: int | None = None, model: Any = None,
+                 tokenizer: Any = None):
         from fineray.serve._decoder import supports
         from fineray.train.config import ModelConfig
         from fineray.train.model import load_base_model, load_tokenizer, resolve_base
@@ -129,10 +132,14 @@ class Engine:
         if cache not in ("auto", "static", "dynamic"):
             raise EngineError(f"cache must be auto, static or dynamic, not {cache!r}")
         self.device = resolve_device(device)
-        mcfg = ModelConfig(base=base, dtype=dtype)
-        path = resolve_base(base)
-        self.tokenizer = load_tokenizer(mcfg, path)
-        model = load_base_model(mcfg, use_gpu=self.device.type == "cuda", path=path)
+        if model is None:
+            mcfg = ModelConfig(base=base, dtype=dtype)
+            path = resolve_base(base)
+            tokenizer = load_tokenizer(mcfg, path)
+            model = load_base_model(mcfg, use_gpu=self.device.type == "cuda", path=path)
+        if tokenizer is None:
+            raise EngineError("an Engine given a model needs its tokenizer too")
+        self.tokenizer = tokenizer
         model.to(self.device).eval()
         model.config.use_cache = True  # load_base_model turns it off for training
         self.model: Any = model
@@ -383,7 +390,7 @@ class Engine:
         for row, tok in pairs:
             row.generated += 1
             row.sampler.observe(tok)
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not row.req.params.ignore_eos:
                 self._finish(row, "stop", "", eos=tok)
             else:
                 delta, stopped = row.tracker.add(tok)

@@ -33,6 +33,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks; vLLM's `ignore_eos`)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:

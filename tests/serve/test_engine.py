@@ -4,6 +4,7 @@ hold, and an evicted adapter outlives the rows still using it."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,11 @@ def engine(request: pytest.FixtureRequest, adapter_dirs: dict[str, Path]) -> Eng
     # Every test runs on both batch kinds: the dynamic cache (CPU default) and the static-slot fast path
     # (the GPU default), here eagerly with prefill chunks of 48 tokens, so a group's prompts (15-39 tokens each) are split across
     # forward passes and one prompt spans two.
-    eng = Engine("tiny:llama", device="cpu", max_batch_size=8, threads=1, cache=request.param, prefill_tokens=48)
+    # FINERAY_TEST_DEVICE=cuda runs them on a GPU (fp32, so tokens still match PEFT on the CPU) with the static
+    # batch's decode steps captured as CUDA graphs: how the GPU path is checked on the device machine.
+    device = os.environ.get("FINERAY_TEST_DEVICE", "cpu")
+    eng = Engine("tiny:llama", device=device, dtype="float32", max_batch_size=8, threads=1, cache=request.param,
+                 prefill_tokens=48)
     eng.load_adapter("alpha@v1", adapter_dirs["alpha"])
     eng.load_adapter("beta@v1", adapter_dirs["beta"])
     yield eng
