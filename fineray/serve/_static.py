@@ -285,12 +285,15 @@ class StaticBatch:
         return out
 
     def _drop_graphs(self) -> None:
+        # a fresh pool too: the old one dies with its last graph, and capturing into a dead pool handle trips
+        # an allocator assert (seen on an H200 with torch 2.11 after a new adapter grew the LoRA stacks)
         self._graphs.clear()
+        self._pool = None
 
     def _graph(self, key: tuple[int, int, str, str]) -> Any:
         version = (self.lora.version, self.dec.capacity)
         if version != self._graph_version:
-            self._graphs.clear()
+            self._drop_graphs()
             self._graph_version = version
         g = self._graphs.get(key)
         if g is None:
