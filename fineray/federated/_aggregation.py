@@ -20,7 +20,7 @@ from fineray.federated.config import FederatedConfig
 from fineray.federated.dp import add_noise, private_mean, secure_generator, update_norm
 from fineray.federated.robust import validate_update
 from fineray.federated.secagg import SecAggConfig, SecAggServer
-from fineray.federated.strategies import AggregateResult, Strategy
+from fineray.federated.strategies import AggregateResult, AggregationStrategy
 from fineray.federated.wire import WireError, unpack_tensors
 
 __all__ = ["RoundState", "aggregate_round", "round_row", "screen_update", "trainable_keys", "unmask_mean"]
@@ -144,7 +144,7 @@ def unmask_mean(cur: RoundState, fcfg: FederatedConfig, adapter: dict[str, torch
 
 def aggregate_round(
     cur: RoundState, contributed: list[str], mean_delta: dict[str, torch.Tensor] | None, *,
-    strategy: Strategy, fcfg: FederatedConfig, adapter: dict[str, torch.Tensor], strategy_state: Any,
+    strategy: AggregationStrategy, fcfg: FederatedConfig, adapter: dict[str, torch.Tensor], strategy_state: Any,
     global_rank: int, noise: torch.Generator | None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], AggregateResult]:
     """Runs the strategy on the round's contributions.

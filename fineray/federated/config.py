@@ -18,31 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fineray.federated.strategies import STRATEGIES, get_strategy
+from fineray.federated.strategies import STRATEGIES, AggregationStrategy, get_strategy
 from fineray.train.config import ConfigError, RunConfig
 
 __all__ = [
-    "STRATEGY_OPTIONS",
     "DPSettings",
     "FederatedConfig",
     "SecAggSettings",
     "SiloSpec",
     "federated_config",
 ]
-
-#: Server-side keyword options each strategy accepts (``federated.strategy_options``); ``mu`` is FedProx's
-#: client proximal coefficient.
-STRATEGY_OPTIONS: dict[str, set[str]] = {
-    "fedavg": set(),
-    "fedprox": {"mu"},
-    "fedadam": {"eta", "beta1", "beta2", "tau"},
-    "fedyogi": {"eta", "beta1", "beta2", "tau"},
-    "ffa_lora": set(),
-    "fedex_lora": set(),
-    "flora": {"rank"},
-    "flexlora": {"rank", "keep_residual"},
-}
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -135,7 +120,8 @@ class FederatedConfig(_Section):
         min_silos: Fewest accepted updates that make a round; fewer and the global adapter stays.
         round_timeout_s: Seconds a round waits for its participants; later updates are dropped.
         strategy: Aggregation strategy (see :data:`fineray.federated.strategies.STRATEGIES`).
-        strategy_options: Keyword options of the strategy (see :data:`STRATEGY_OPTIONS`).
+        strategy_options: Options of the strategy: the ``options`` (server side) and ``client_options``
+            (sent to the silos) its :class:`~fineray.federated.strategies.AggregationStrategy` entry declares.
         secure_aggregation: ``true``/``false`` or a :class:`SecAggSettings` mapping.
         dp: :class:`DPSettings`.
         max_update_norm: Reject an update whose delta L2 norm exceeds this (None: no bound).
@@ -193,10 +179,11 @@ class FederatedConfig(_Section):
         if self.min_silos > len(self.silos):
             raise ValueError(f"min_silos: {self.min_silos} exceeds the {len(self.silos)} silos")
         strat = get_strategy(self.strategy)
-        unknown = sorted(set(self.strategy_options) - STRATEGY_OPTIONS[strat.name])
+        accepted = strat.options | set(strat.client_options)
+        unknown = sorted(set(self.strategy_options) - accepted)
         if unknown:
             raise ValueError(f"strategy_options: {unknown} not accepted by {strat.name} "
-                             f"(accepted: {sorted(STRATEGY_OPTIONS[strat.name]) or 'none'})")
+                             f"(accepted: {sorted(accepted) or 'none'})")
         why = ("it needs every silo's individual LoRA factors (products, residual, stacking or SVD), but the "
                "server only ever sees one weighted mean")
         linear = sorted(n for n, s in STRATEGIES.items() if s.linear)
@@ -216,8 +203,8 @@ class FederatedConfig(_Section):
         return self
 
     @property
-    def strategy_obj(self) -> Any:
-        """The :class:`~fineray.federated.strategies.Strategy` entry."""
+    def strategy_obj(self) -> AggregationStrategy:
+        """The strategy's registry entry."""
         return get_strategy(self.strategy)
 
     def participants_per_round(self, available: int | None = None) -> int:
@@ -227,19 +214,19 @@ class FederatedConfig(_Section):
 
     @property
     def trains_a(self) -> bool:
-        """False for FFA-LoRA, whose ``A`` factors stay frozen at the shared initialisation."""
-        return self.strategy != "ffa_lora"
+        """False when the strategy keeps ``A`` frozen at the shared initialisation (FFA-LoRA)."""
+        return self.strategy_obj.trains_a
 
     @property
     def proximal_mu(self) -> float:
-        """FedProx's client proximal coefficient (0 for every other strategy)."""
-        if self.strategy != "fedprox":
-            return 0.0
-        return float(self.strategy_options.get("mu", 0.01))
+        """The client proximal coefficient ``mu`` (FedProx's ``client_options``; 0 without one)."""
+        client = self.strategy_obj.client_options
+        return float(self.strategy_options.get("mu", client["mu"])) if "mu" in client else 0.0
 
     def server_options(self) -> dict[str, Any]:
         """Keyword options passed to the strategy's ``aggregate`` (client-side ones removed)."""
-        return {k: v for k, v in self.strategy_options.items() if k != "mu"}
+        client = self.strategy_obj.client_options
+        return {k: v for k, v in self.strategy_options.items() if k not in client}
 
 
 def _message(err: ValidationError) -> str:

@@ -98,13 +98,13 @@ class Federation:
         self.current: RoundState | None = None
         self.last_seen: dict[str, float] = {}
         self.config_hash = compat_hash(run_cfg, fcfg)
-        snap = load_snapshot(self.state_dir)
+        snap = load_snapshot(self.state_dir, self.strategy)
         self.resumed = snap is not None
         if snap is None:
             init = init_adapter or (lambda: ad.initial_adapter(run_cfg, fcfg.seed, self.global_rank))
             tensors, config = init()
             snap = FederationSnapshot(round=0, adapter=tensors, adapter_config=config, config_hash=self.config_hash)
-            save_snapshot(self.state_dir, snap)
+            save_snapshot(self.state_dir, snap, self.strategy)
         elif snap.config_hash and snap.config_hash != self.config_hash:
             from fineray.train.config import ConfigError
 
@@ -398,7 +398,7 @@ class Federation:
                 round=self.round, adapter=self.adapter, adapter_config=self.adapter_config,
                 residual=self.residual, strategy_state=self.strategy_state,
                 dp_rounds=0 if self.accountant is None else self.accountant.rounds,
-                history=self.history, evals=self.evals, config_hash=self.config_hash))
+                history=self.history, evals=self.evals, config_hash=self.config_hash), self.strategy)
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The servable PEFT adapter of the current global model (residual folded in exactly)."""

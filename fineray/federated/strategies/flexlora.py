@@ -30,9 +30,16 @@ from typing import Any
 import torch
 
 from fineray.federated._lora import lora_pairs
-from fineray.federated.strategies.base import AggregateResult, BaseDelta, average_extras, prepare
+from fineray.federated.strategies.base import (
+    AggregateResult,
+    AggregationStrategy,
+    BaseDelta,
+    average_extras,
+    prepare,
+    register,
+)
 
-__all__ = ["aggregate", "factored_svd", "truncate_for_rank"]
+__all__ = ["STRATEGY", "aggregate", "factored_svd", "truncate_for_rank"]
 
 
 def factored_svd(
@@ -130,3 +137,7 @@ def truncate_for_rank(global_adapter: Mapping[str, torch.Tensor], r: int) -> dic
         out[a_key] = global_adapter[a_key][:r].clone()
         out[b_key] = global_adapter[b_key][:, :r].clone()
     return out
+
+
+STRATEGY = register(AggregationStrategy("flexlora", aggregate, linear=False, heterogeneous_rank=True,
+                                        options=frozenset({"rank", "keep_residual"}), paper="arXiv 2402.11505"))
