@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fineray.federated.secagg import SecAggConfig
 from fineray.federated.strategies import STRATEGIES, AggregationStrategy, get_strategy
 from fineray.train.config import ConfigError, RunConfig
 
@@ -65,16 +66,23 @@ class SiloSpec(_Section):
 
 
 class SecAggSettings(_Section):
-    """Secure aggregation (pairwise masks, :mod:`fineray.federated.secagg`) of the silos' update deltas.
+    """Secure aggregation (:mod:`fineray.federated.secagg`) of the silos' update deltas, with dropout recovery.
 
     Attributes:
-        enabled: Mask every update; the server learns only the weighted sum.
+        enabled: Mask every update; the server learns only the weighted sum of the silos that finished.
         clip: Element-wise bound on an update delta (``|delta| <= clip``) before fixed-point encoding.
         frac_bits: Fixed-point fractional bits (quantisation step ``2^-frac_bits`` per element).
         modulus_bits: 32 or 64-bit modular arithmetic.
         max_weight: Upper bound on a silo's example count (it is masked too).
-        mask_timeout_s: Time for the key and mask exchanges after training; a silo missing it is
-            dropped and the round re-runs its masking with the survivors (fresh keys, no retraining).
+        threshold: Silos that must survive a round, ``t``: a count (``>= 2``), a fraction of the silos that
+            sent keys in ``(0, 1]`` (rounded up), or null for a majority of them. Each silo Shamir-shares its
+            mask key and self-mask seed ``t``-out-of-``n``; a silo that drops after sharing is recovered from
+            the survivors' shares and the round completes without it (Bonawitz et al. 2017; SecAgg+, Bell et
+            al. 2020). Fewer than ``t`` survivors and the round fails (the global adapter stays). Thresholds at
+            or below half of the silos tolerate more dropouts but no longer stop a server that lies about who
+            dropped from unmasking a live silo.
+        mask_timeout_s: Time for each exchange after training (shares, masked vectors, revealed shares); a
+            silo missing it is dropped and the round goes on with the others.
     """
 
     enabled: bool = False
@@ -82,6 +90,7 @@ class SecAggSettings(_Section):
     frac_bits: int = Field(24, ge=8, le=40)
     modulus_bits: int = 64
     max_weight: float = Field(1e6, gt=0)
+    threshold: int | float | None = None
     mask_timeout_s: float = Field(60.0, gt=0)
 
     @field_validator("modulus_bits")
@@ -90,6 +99,20 @@ class SecAggSettings(_Section):
         if v not in (32, 64):
             raise ValueError("must be 32 or 64")
         return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float | None) -> int | float | None:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("a count of silos must be >= 2 (a 'sum' of one update reveals it)")
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError("a fraction of the silos must be in (0, 1]")
+        return v
+
+    def protocol_config(self, num_silos: int) -> SecAggConfig:
+        """The fixed-point parameters every silo and the server use, for a federation of ``num_silos``."""
+        return SecAggConfig(num_silos=num_silos, clip=self.clip, frac_bits=self.frac_bits,
+                            modulus_bits=self.modulus_bits, max_weight=self.max_weight)
 
 
 class DPSettings(_Section):
@@ -193,6 +216,9 @@ class FederatedConfig(_Section):
                                  f"masked updates. Use one of {linear}")
             if self.min_silos < 2:
                 raise ValueError("secure_aggregation: min_silos must be >= 2 (a 'sum' of one update reveals it)")
+            t = self.secure_aggregation.threshold
+            if isinstance(t, int) and t > len(self.silos):
+                raise ValueError(f"secure_aggregation: threshold {t} exceeds the {len(self.silos)} silos")
         if self.dp.enabled and not strat.linear:
             raise ValueError(f"dp: strategy {strat.name!r} is not linear: {why} of the clipped, noised deltas. "
                              f"Use one of {linear}")
