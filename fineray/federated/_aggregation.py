@@ -115,7 +115,7 @@ def round_row(cur: RoundState, now: float, epsilon: float | None) -> tuple[list[
     return contributed, row
 
 
-def unmask_mean(cur: RoundState, fcfg: FederatedConfig, adapter: dict[str, torch.Tensor], num_silos: int,
+def unmask_mean(cur: RoundState, fcfg: FederatedConfig, adapter: dict[str, torch.Tensor],
                 noise: torch.Generator | None) -> dict[str, torch.Tensor]:
     """The mean delta of the trainable keys, decoded from the survivors' masked vectors.
 
@@ -126,7 +126,7 @@ def unmask_mean(cur: RoundState, fcfg: FederatedConfig, adapter: dict[str, torch
     keys = trainable_keys(adapter, fcfg)
     _, spec = flatten({k: adapter[k] for k in keys})
     assert cur.secagg is not None
-    total, weight = cur.secagg.decode(fcfg.secure_aggregation.protocol_config(num_silos), cur.round)
+    total, weight = cur.secagg.decode(cur.round)
     if fcfg.dp.enabled:  # fixed denominator: the planned participant count (DP-FedAvg)
         mean = unflatten(total / cur.planned, spec)
         return add_noise(mean, fcfg.dp.clip_norm, fcfg.dp.noise_multiplier, cur.planned,

@@ -14,18 +14,35 @@ coordinator never sees a share in the clear until a survivor reveals it in the l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from fineray.federated.secagg import AdvertisedKeys, Reveal, SecAggConfig, SecAggServer, resolve_threshold
-from fineray.federated.wire import SubmitError
+from fineray.federated.secagg import (
+    AdvertisedKeys,
+    Reveal,
+    SecAggConfig,
+    SecAggError,
+    SecAggServer,
+    resolve_threshold,
+)
+from fineray.federated.wire import SubmitError, WireError, unpack_array
 
 __all__ = ["SecAggRound"]
 
 _NEXT = {"keys": "share", "share": "mask", "mask": "unmask", "unmask": "done"}
+_T = TypeVar("_T")
+
+
+def _parse(parse: Callable[[Any], _T], body: Any) -> _T:
+    """``parse(body)``; a malformed body is a 400."""
+    try:
+        return parse(body)
+    except (SecAggError, WireError, ValueError, TypeError, AttributeError) as e:
+        raise SubmitError(400, f"malformed body: {e}") from None
 
 
 @dataclass
@@ -34,6 +51,8 @@ class SecAggRound:
 
     Attributes:
         silo_ids: ``{silo name: secagg id}`` of the federation.
+        config: The fixed-point parameters of every silo.
+        vector_size: Words in a masked vector (the flattened trainable delta plus the weight).
         threshold_spec: ``federated.secure_aggregation.threshold`` (see :func:`~.secagg.resolve_threshold`).
         phase: ``keys`` | ``share`` | ``mask`` | ``unmask`` | ``done``.
         keys: Advertised keys by silo, and ``meta`` their example counts and metrics.
@@ -44,6 +63,8 @@ class SecAggRound:
     """
 
     silo_ids: dict[str, int]
+    config: SecAggConfig
+    vector_size: int
     threshold_spec: int | float | None = None
     phase: str = "keys"
     keys: dict[str, AdvertisedKeys] = field(default_factory=dict)
@@ -82,38 +103,44 @@ class SecAggRound:
         return {"status": "unmask", "survivors": sorted(ids[s] for s in self.survivors),
                 "dropped": sorted(ids[s] for s in self.sharers if s not in self.survivors)}
 
-    # ------------------------------------------------------------------ submissions
-    def add_keys(self, silo: str, keys: AdvertisedKeys, num_examples: int, metrics: dict[str, Any]) -> str:
+    # ------------------------------------------------------------------ submissions (bodies as they arrive)
+    def add_keys(self, silo: str, keys: dict[str, Any], num_examples: int, metrics: dict[str, Any]) -> str:
         if self.seen("keys", silo):
             return "duplicate"
-        self.keys[silo] = keys
+        self.keys[silo] = _parse(AdvertisedKeys.from_json, keys)
         self.meta[silo] = {"num_examples": int(num_examples), "metrics": dict(metrics)}
         return "accepted"
 
-    def add_shares(self, silo: str, shares: dict[int, bytes]) -> str:
+    def add_shares(self, silo: str, shares: dict[str, str]) -> str:
         if self.seen("share", silo):
             return "duplicate"
+        parsed = _parse(lambda d: {int(v): bytes.fromhex(ct) for v, ct in d.items()}, shares)
         want = {self.silo_ids[s] for s in self.keyset if s != silo}
-        if set(shares) != want:
+        if set(parsed) != want:
             raise SubmitError(400, f"shares must be addressed to exactly the silos {sorted(want)} of the key set")
-        self.shares[silo] = dict(shares)
+        self.shares[silo] = parsed
         return "accepted"
 
-    def add_masked(self, silo: str, vector: np.ndarray) -> str:
+    def add_masked(self, silo: str, blob: bytes) -> str:
         if self.seen("mask", silo):
             return "duplicate"
+        vector, _ = _parse(unpack_array, blob)
+        if vector.shape != (self.vector_size,) or vector.dtype != self.config.dtype:
+            raise SubmitError(400, f"a masked vector is {self.vector_size} words of {self.config.dtype}, not "
+                                   f"{vector.shape} {vector.dtype}")
         self.masked[silo] = vector
         return "accepted"
 
-    def add_reveal(self, silo: str, reveal: Reveal) -> str:
+    def add_reveal(self, silo: str, reveal: dict[str, Any]) -> str:
         if self.seen("unmask", silo):
             return "duplicate"
+        parsed = _parse(Reveal.from_json, reveal)
         ids = self.silo_ids
         dropped = {ids[s] for s in self.sharers if s not in self.survivors}
-        if set(reveal.seeds) != {ids[s] for s in self.survivors} or set(reveal.mask_keys) != dropped:
+        if set(parsed.seeds) != {ids[s] for s in self.survivors} or set(parsed.mask_keys) != dropped:
             raise SubmitError(400, "a reveal must hold one seed share per survivor and one mask-key share per "
                                    "dropped silo, nothing else")
-        self.reveals[silo] = reveal
+        self.reveals[silo] = parsed
         return "accepted"
 
     def seen(self, phase: str, silo: str) -> bool:
@@ -163,9 +190,10 @@ class SecAggRound:
         """Silos of the key set whose masked vector never arrived (their masks were removed, or never added)."""
         return [s for s in self.keyset if s not in self.masked]
 
-    def decode(self, config: SecAggConfig, round_id: int) -> tuple[torch.Tensor, float]:
+    def decode(self, round_id: int) -> tuple[torch.Tensor, float]:
         """``(sum of the survivors' weighted clipped updates, their total weight)`` (see :class:`SecAggServer`)."""
         ids = self.silo_ids
-        server = SecAggServer({ids[s]: self.keys[s] for s in self.keyset}, config, self.threshold, round_id=round_id)
+        server = SecAggServer({ids[s]: self.keys[s] for s in self.keyset}, self.config, self.threshold,
+                              round_id=round_id)
         return server.unmask({ids[s]: v for s, v in self.masked.items()}, [ids[s] for s in self.sharers],
                              {ids[s]: r for s, r in self.reveals.items()})

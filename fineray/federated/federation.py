@@ -47,9 +47,8 @@ from fineray.federated._lora import flatten
 from fineray.federated._secagg_round import SecAggRound
 from fineray.federated.config import FederatedConfig
 from fineray.federated.dp import DPAccountant
-from fineray.federated.secagg import AdvertisedKeys, Reveal, SecAggError
 from fineray.federated.state import FederationSnapshot, load_snapshot, save_snapshot
-from fineray.federated.wire import SubmitError, WireError, pack_tensors, sha256_bytes, unpack_array
+from fineray.federated.wire import SubmitError, pack_tensors, sha256_bytes
 
 __all__ = ["Federation", "RoundState", "SubmitError", "compat_hash", "trainable_keys"]
 
@@ -201,10 +200,13 @@ class Federation:
             chosen = sorted(rng.sample(pool, k))
             now = self.clock()
             sa = self.fcfg.secure_aggregation
+            secagg = None
+            if sa.enabled:  # the masked vector: the trainable keys' delta, flattened, and the weight
+                size = flatten({k: self.adapter[k] for k in trainable_keys(self.adapter, self.fcfg)})[0].numel() + 1
+                secagg = SecAggRound(self.silo_ids, sa.protocol_config(len(self.silos)), size, sa.threshold)
             self.current = RoundState(round=self.round + 1, participants=chosen,
                                       planned=self.fcfg.participants_per_round(), opened_at=now,
-                                      deadline=now + self.fcfg.round_timeout_s,
-                                      secagg=SecAggRound(self.silo_ids, sa.threshold) if sa.enabled else None)
+                                      deadline=now + self.fcfg.round_timeout_s, secagg=secagg)
             return self.current
 
     def submit_update(self, silo: str, round_no: int, blob: bytes) -> str:
@@ -247,68 +249,41 @@ class Federation:
         """Secure aggregation: the silo's advertised keys (:class:`~.secagg.AdvertisedKeys` JSON) after training."""
         with self._lock:
             cur = self._check_participant(silo, round_no)
-            if cur.secagg is None:
-                raise SubmitError(409, "secure aggregation is off: send the update itself")
+            sa = self._secagg_round(round_no)
             if cur.phase != "train":
                 raise SubmitError(409, f"round {round_no} no longer collects keys (phase {cur.phase})")
             if silo in cur.responded:
                 return "duplicate"
-            try:
-                parsed = AdvertisedKeys.from_json(keys)
-            except SecAggError as e:
-                raise SubmitError(400, str(e)) from None
+            status = sa.add_keys(silo, keys, num_examples, dict(metrics or {}))
             cur.responded[silo] = "key"
-            return cur.secagg.add_keys(silo, parsed, num_examples, dict(metrics or {}))
+            return status
 
     def secagg_task(self, silo: str) -> dict[str, Any] | None:
         """``silo``'s secure-aggregation step in the open round (``{"status": share|mask|unmask, "round", ...}``)."""
         with self._lock:
             cur = self.current
-            if cur is None or cur.secagg is None:
-                return None
-            task = cur.secagg.task(silo)
+            task = cur.secagg.task(silo) if cur is not None and cur.secagg is not None else None
             return None if task is None else {**task, "round": cur.round}
 
     def submit_shares(self, silo: str, round_no: int, shares: dict[str, str]) -> str:
         """Secure aggregation: ``{recipient id: hex ciphertext}`` of the silo's key shares, one per peer."""
         with self._lock:
-            sa = self._secagg_round(round_no)
-            try:
-                parsed = {int(v): bytes.fromhex(ct) for v, ct in shares.items()}
-            except (ValueError, TypeError, AttributeError):
-                raise SubmitError(400, "shares must be {recipient id: hex ciphertext}") from None
-            return sa.add_shares(silo, parsed)
+            return self._secagg_round(round_no).add_shares(silo, shares)
 
     def submit_masked(self, silo: str, round_no: int, blob: bytes) -> str:
         """Secure aggregation: the silo's masked vector (safetensors, ``uint32``/``uint64``)."""
         with self._lock:
-            sa = self._secagg_round(round_no)
-            if sa.seen("mask", silo):
-                return "duplicate"
-            try:
-                arr, _ = unpack_array(blob)
-            except WireError as e:
-                raise SubmitError(400, str(e)) from None
-            size = flatten({k: self.adapter[k] for k in trainable_keys(self.adapter, self.fcfg)})[0].numel() + 1
-            dtype = self.fcfg.secure_aggregation.protocol_config(len(self.silos)).dtype
-            if arr.shape != (size,) or arr.dtype != dtype:
-                raise SubmitError(400, f"a masked vector must be {size} words of {dtype}, got {arr.shape} {arr.dtype}")
-            return sa.add_masked(silo, arr)
+            return self._secagg_round(round_no).add_masked(silo, blob)
 
     def submit_reveal(self, silo: str, round_no: int, reveal: dict[str, Any]) -> str:
         """Secure aggregation: a survivor's shares of the survivors' seeds and of the dropped silos' mask keys."""
         with self._lock:
-            sa = self._secagg_round(round_no)
-            try:
-                parsed = Reveal.from_json(reveal)
-            except SecAggError as e:
-                raise SubmitError(400, str(e)) from None
-            return sa.add_reveal(silo, parsed)
+            return self._secagg_round(round_no).add_reveal(silo, reveal)
 
     def _secagg_round(self, round_no: int) -> SecAggRound:
         cur = self._require_round(round_no)
         if cur.secagg is None:
-            raise SubmitError(409, "secure aggregation is off")
+            raise SubmitError(409, "secure aggregation is off: send the update itself")
         return cur.secagg
 
     def _check_participant(self, silo: str, round_no: int) -> RoundState:
@@ -353,8 +328,7 @@ class Federation:
                 failure = f"only {len(contributed)} accepted updates (min_silos={f.min_silos})"
             if failure is None:
                 try:
-                    mean = (unmask_mean(cur, f, self.adapter, len(self.silos), self._noise)
-                            if cur.secagg else None)
+                    mean = unmask_mean(cur, f, self.adapter, self._noise) if cur.secagg else None
                     row.update(self._aggregate(cur, contributed, mean))
                     row["accepted"] = contributed
                 except (ValueError, RuntimeError) as e:  # a strategy refusing its inputs fails the round only

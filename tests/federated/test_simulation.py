@@ -13,9 +13,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fineray.federated import print_federation, run_simulation, simulation
+from fineray.federated.adapters import initial_adapter
 from fineray.federated.silo import SiloWorker
 from fineray.federated.simulation import FederationError
-from fineray.federated.wire import unpack_tensors
+from fineray.federated.wire import pack_tensors, unpack_tensors
 from fineray.train.config import load_config
 from fineray.train.data import read_records
 
@@ -91,6 +92,27 @@ def test_three_silo_simulation_lowers_global_validation_loss(tmp_path: Path, pri
     assert manifest["lineage"]["federation"]["rounds"] == 2 and manifest["method"] == "lora"
     out = capsys.readouterr().out
     assert "local-only vs federated vs centralised" in out and "validation loss per silo" in out
+
+
+@pytest.mark.integration
+def test_networked_silo_trains_a_round_with_ray_train_and_the_federated_hooks(tmp_path: Path, private_ray):
+    # Prepare: the networked silo's default trainer, Ray Train (one worker, built by train.launcher.make_trainer),
+    # with FFA-LoRA's frozen A and FedProx's proximal gradient applied inside the worker.
+    cfg = _cfg(tmp_path)
+    cfg.scaling.num_workers = 1
+    tensors, config = initial_adapter(cfg, seed=0)
+    task = {"round": 1, "adapter_config": config, "local_steps": 2, "local_epochs": None, "proximal_mu": 0.1,
+            "freeze_lora_a": True, "secagg": None}
+    worker = SiloWorker("acme", cfg, str(DATA / "acme.jsonl"), 0.1, tmp_path / "silo", threads=1, trainer="ray")
+    # Execute
+    out = worker.train(task, pack_tensors(tensors, {"adapter_config": config}))
+    # Assert: the update covers every key, A stayed frozen in the worker, B moved; Ray's storage is cleaned up.
+    update, meta = unpack_tensors(out["update"])
+    assert set(update) == set(tensors) and meta["num_examples"] == worker.num_examples
+    assert isinstance(meta["metrics"]["train_loss"], float)
+    assert all(torch.equal(update[k], tensors[k]) for k in tensors if ".lora_A." in k)
+    assert all(not torch.equal(update[k], tensors[k]) for k in tensors if ".lora_B." in k)
+    assert not (tmp_path / "silo" / "ray" / "acme-round_000001").exists()
 
 
 @pytest.mark.integration
