@@ -21,7 +21,7 @@ from fineray.federated.strategies import (
     flora,
     get_strategy,
 )
-from fineray.federated.strategies.base import register
+from fineray.federated.strategies.registry import register
 from fineray.train.config import ConfigError
 
 PREFIXES = (  # the modules built by the ``make_adapter`` fixture (conftest.py)

@@ -21,9 +21,9 @@ flexlora       no      yes         SVD of the exact sum, truncate per silo rank
 ``linear`` strategies may run under secure aggregation: feed them the single unmasked weighted
 mean, ``aggregate([mean], [1.0], **kw)``.
 
-Adding a strategy is one file here: its ``aggregate`` and a
-:func:`~fineray.federated.strategies.base.register` call (see :class:`AggregationStrategy` for what
-the entry declares). Modules whose names start with ``_`` and ``base`` are helpers, not strategies.
+Adding a strategy is one file here: its ``aggregate`` and a :func:`~.registry.register` call (see
+:class:`~.registry.AggregationStrategy` for what the entry declares). Every module of the package is imported
+on first use (except ``_``-prefixed ones); those that register are the strategies, the others helpers.
 """
 
 from __future__ import annotations
@@ -31,13 +31,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from fineray.federated.strategies.base import (
-    REGISTRY,
-    AggregateFn,
-    AggregateResult,
-    AggregationStrategy,
-    BaseDelta,
-)
+from fineray.federated.strategies.base import AggregateFn, AggregateResult, BaseDelta
+from fineray.federated.strategies.registry import REGISTRY, AggregationStrategy, get_strategy
 
 __all__ = [
     "STRATEGIES",
@@ -49,21 +44,9 @@ __all__ = [
 ]
 
 for _mod in pkgutil.iter_modules(__path__):
-    if not _mod.name.startswith("_") and _mod.name != "base":
+    if not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 #: ``{name: AggregationStrategy}`` of every strategy module in this package.
 STRATEGIES = REGISTRY
 
-
-def get_strategy(name: str) -> AggregationStrategy:
-    """Looks up a strategy by name or alias (case-insensitive; ``-`` and ``_`` are interchangeable).
-
-    Raises:
-        KeyError: For an unknown name, listing the known ones.
-    """
-    key = name.strip().lower().replace("-", "_")
-    for strategy in STRATEGIES.values():
-        if key == strategy.name or key in strategy.aliases:
-            return strategy
-    raise KeyError(f"unknown federated strategy {name!r}; known: {sorted(STRATEGIES)}")

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from fineray.federated.strategies import fedopt
-from fineray.federated.strategies.base import AggregateResult, AggregationStrategy, register
+from fineray.federated.strategies.base import AggregateResult
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
 __all__ = ["STRATEGY", "aggregate"]
 

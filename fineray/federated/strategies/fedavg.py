@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from fineray.federated._lora import weighted_mean
-from fineray.federated.strategies.base import AggregateResult, AggregationStrategy, prepare, register
+from fineray.federated.strategies.base import AggregateResult, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
 __all__ = ["STRATEGY", "aggregate"]
 

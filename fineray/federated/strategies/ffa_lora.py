@@ -16,13 +16,8 @@ from typing import Any
 import torch
 
 from fineray.federated._lora import lora_pairs, seeded_lora_a, weighted_mean
-from fineray.federated.strategies.base import (
-    AggregateResult,
-    AggregationStrategy,
-    average_extras,
-    prepare,
-    register,
-)
+from fineray.federated.strategies.base import AggregateResult, average_extras, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
 __all__ = ["STRATEGY", "aggregate", "init_frozen_a"]
 

@@ -30,14 +30,8 @@ from typing import Any
 import torch
 
 from fineray.federated._lora import lora_pairs
-from fineray.federated.strategies.base import (
-    AggregateResult,
-    AggregationStrategy,
-    BaseDelta,
-    average_extras,
-    prepare,
-    register,
-)
+from fineray.federated.strategies.base import AggregateResult, BaseDelta, average_extras, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
 __all__ = ["STRATEGY", "aggregate", "factored_svd", "truncate_for_rank"]
 
