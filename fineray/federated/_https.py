@@ -52,7 +52,7 @@ from fineray.federated.wire import MAX_BODY_BYTES, SubmitError
 if TYPE_CHECKING:
     from fineray.federated.server import Coordinator
 
-__all__ = ["make_app", "serve_https"]
+__all__ = ["check_tls_files", "make_app", "serve_https"]
 
 
 class _TLSInfoProtocol(H11Protocol):
@@ -224,6 +224,24 @@ def make_app(coord: Coordinator, tokens: dict[str, str] | None, mtls: bool,
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
+def check_tls_files(certfile: str, keyfile: str, ca_file: str | None) -> None:
+    """Loads the server certificate, its key and the silos' CA once, so that a bad file fails before anything runs.
+
+    Raises:
+        ConfigError: A file is missing, unreadable, or the key does not match the certificate.
+    """
+    from fineray.train.config import ConfigError
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+        if ca_file:
+            ctx.load_verify_locations(ca_file)
+    except (OSError, ssl.SSLError) as e:  # FileNotFoundError, PEM errors, key/certificate mismatch
+        raise ConfigError(f"cannot load the coordinator's TLS files (cert {certfile}, key {keyfile}, CA "
+                          f"{ca_file}): {e}") from None
+
+
 @contextlib.contextmanager
 def serve_https(app: Any, host: str, port: int, certfile: str, keyfile: str, ca_file: str | None) -> Iterator[str]:
     """Serves ``app`` with uvicorn in a background thread; yields the base URL (``port`` 0 picks a free one).
@@ -231,17 +249,24 @@ def serve_https(app: Any, host: str, port: int, certfile: str, keyfile: str, ca_
     With ``ca_file`` clients must present a certificate chaining to it (else the TLS handshake fails).
 
     Raises:
-        RuntimeError: The server did not start (e.g. unreadable certificate), with uvicorn's reason in the log.
+        OSError: The address is taken (or the certificate files are unreadable: see :func:`check_tls_files`).
+        RuntimeError: The server thread stopped while starting (uvicorn logs why).
     """
     import uvicorn
 
+    # log_config=None: no dictConfig of the process's logging; uvicorn's warnings reach the root handlers.
+    config = uvicorn.Config(app, http=_TLSInfoProtocol, loop="asyncio", lifespan="off", log_config=None,
+                            log_level="warning", access_log=False, timeout_keep_alive=30, ssl_certfile=certfile,
+                            ssl_keyfile=keyfile, ssl_ca_certs=ca_file,
+                            ssl_cert_reqs=ssl.CERT_REQUIRED if ca_file else ssl.CERT_NONE)
+    config.load()  # builds the TLS context here, so a bad certificate fails in the caller's thread
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    config = uvicorn.Config(app, http=_TLSInfoProtocol, loop="asyncio", lifespan="off", log_level="warning",
-                            access_log=False, timeout_keep_alive=30, ssl_certfile=certfile, ssl_keyfile=keyfile,
-                            ssl_ca_certs=ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED if ca_file else ssl.CERT_NONE)
-    config.load()  # builds the TLS context here, so a bad certificate fails in the caller's thread
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="fineray-coordinator-https")

@@ -29,15 +29,13 @@ survivors and the mean is renormalised over them (their weights are inside the s
 keeps recovery safe: a "dropped" silo's vector arriving late would still carry ``PRG(b_d)``, which the server
 never learns together with ``s_sk_d``.
 
-**Threshold.** ``t`` survivors are needed to finish (fewer: :class:`SecAggError`, the round fails and the
-global adapter stays), and ``t`` colluding silos plus the server could unmask one silo. :func:`resolve_threshold`
-defaults to a majority of the key set: no two disjoint groups of ``t`` silos exist, so a server that lied
-about who dropped could not collect both masks of a live silo. Lower thresholds tolerate more dropouts and
-protect less.
+**Threshold.** ``t`` survivors are needed (fewer: :class:`SecAggError`; the round fails, the global adapter
+stays); ``t`` colluding silos plus the server could unmask one silo. The default (:func:`resolve_threshold`)
+is a majority: no two disjoint groups of ``t`` silos exist, so a server lying about who dropped could not
+collect both masks of a live silo. Lower thresholds tolerate more dropouts and protect less.
 
-**Cost.** Per silo, ``|U2|`` PRG streams of ``d + 1`` words (ChaCha20, GB/s) and ``O(n t)`` field operations
-for the shares; the server does ``|U3|`` modular additions and ``|U3| (1 + |dropped|)`` PRG streams.
-Fixed-point overflow is ruled out up front: ``n * max_weight * max(clip, 1) * 2^frac_bits < 2^b / 2``.
+**Cost.** Per silo ``|U2|`` PRG streams of ``d + 1`` words (ChaCha20, GB/s) and ``O(n t)`` field operations;
+the server ``|U3| (1 + |dropped|)`` streams. Overflow is ruled out up front (:class:`SecAggConfig`).
 """
 
 from __future__ import annotations

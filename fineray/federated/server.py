@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fineray.federated._https import make_app, serve_https
+from fineray.federated._https import check_tls_files, make_app, serve_https
 from fineray.federated.config import FederatedConfig, federated_config
 from fineray.federated.federation import Federation
 from fineray.federated.outputs import check_run_config, federation_run_dir, finalize
@@ -178,6 +178,7 @@ def run_coordinator(cfg: RunConfig, host: str = "0.0.0.0", port: int = 8443, cer
     unknown = sorted(set(tokens or {}) - {s.name for s in fcfg.silos})
     if unknown:
         raise ConfigError(f"tokens for silos not in federated.silos: {unknown}")
+    check_tls_files(certfile, keyfile, ca_file)
     if console is None:
         from rich.console import Console
 
