@@ -11,16 +11,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from fineray.federated import adapters as ad
 from fineray.federated._lora import flatten, lora_pairs, unflatten
+from fineray.federated._secagg_round import SecAggRound
 from fineray.federated.config import FederatedConfig
 from fineray.federated.dp import add_noise, private_mean, secure_generator, update_norm
 from fineray.federated.robust import validate_update
-from fineray.federated.secagg import SecAggConfig, SecAggServer
-from fineray.federated.strategies import AggregateResult, Strategy
+from fineray.federated.strategies import AggregateResult, AggregationStrategy
 from fineray.federated.wire import WireError, unpack_tensors
 
 __all__ = ["RoundState", "aggregate_round", "round_row", "screen_update", "trainable_keys", "unmask_mean"]
@@ -36,23 +35,22 @@ def trainable_keys(adapter: dict[str, torch.Tensor], fcfg: FederatedConfig) -> l
 
 @dataclass
 class RoundState:
-    """The round being trained (not checkpointed: a restarted coordinator re-opens it)."""
+    """The round being trained (not checkpointed: a restarted coordinator re-opens it).
+
+    ``phase`` is ``train`` (plain updates, or public keys under secure aggregation), then the secure
+    aggregation phases of ``secagg`` (``share``, ``mask``, ``unmask``).
+    """
 
     round: int
-    attempt: int
     participants: list[str]
     planned: int
     opened_at: float
     deadline: float
-    phase: str = "train"  # "train" (updates or public keys) | "mask" (masked vectors)
+    phase: str = "train"
     updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     responded: dict[str, str] = field(default_factory=dict)
-    keys: dict[str, bytes] = field(default_factory=dict)
-    keyset: dict[str, bytes] | None = None
-    masked: dict[str, np.ndarray] = field(default_factory=dict)
-    masked_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejections: list[tuple[str, str]] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
+    secagg: SecAggRound | None = None
 
 
 def screen_update(blob: bytes, adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any],
@@ -93,23 +91,23 @@ def screen_update(blob: bytes, adapter: dict[str, torch.Tensor], adapter_config:
     return reasons, {"tensors": tensors, "num_examples": n, "metrics": dict(meta.get("metrics") or {})}
 
 
-def round_row(cur: RoundState, secagg: bool, now: float,
-              epsilon: float | None) -> tuple[list[str], dict[str, Any]]:
+def round_row(cur: RoundState, now: float, epsilon: float | None) -> tuple[list[str], dict[str, Any]]:
     """The silos whose contributions arrived, and the closing round's history row so far.
 
     The row reports participants, rejections (by silo), stragglers (no answer), silos dropped during
-    secure aggregation, the wall time since the round opened (``now`` on the round's clock), the mean
-    ``train_loss`` and the example count of what arrived; ``accepted`` stays empty until aggregation succeeds.
+    secure aggregation (sent keys, never a masked vector: the round went on without them), the wall time
+    since the round opened (``now`` on the round's clock), the mean ``train_loss`` and the example count of
+    what arrived; ``accepted`` stays empty until aggregation succeeds.
     """
-    contributed = sorted(cur.masked if secagg else cur.updates)
+    sa = cur.secagg
+    contributed = sorted(sa.masked if sa else cur.updates)
     late = [s for s in cur.participants if s not in cur.responded]
     row: dict[str, Any] = {
-        "round": cur.round, "attempts": cur.attempt + 1, "participants": cur.participants,
-        "accepted": [], "rejected": {}, "stragglers": late, "dropped": cur.dropped,
-        "wall_s": round(now - cur.opened_at, 3), "epsilon": epsilon}
+        "round": cur.round, "participants": cur.participants, "accepted": [], "rejected": {}, "stragglers": late,
+        "dropped": sa.dropped if sa else [], "wall_s": round(now - cur.opened_at, 3), "epsilon": epsilon}
     for silo, reason in cur.rejections:
         row["rejected"].setdefault(silo, []).append(reason)
-    meta = {s: (cur.masked_meta if secagg else cur.updates)[s] for s in contributed}
+    meta = {s: (sa.meta if sa else cur.updates)[s] for s in contributed}
     losses = [m["metrics"].get("train_loss") for m in meta.values()]
     losses = [x for x in losses if isinstance(x, (int, float)) and math.isfinite(x)]
     row["train_loss"] = sum(losses) / len(losses) if losses else None
@@ -118,21 +116,17 @@ def round_row(cur: RoundState, secagg: bool, now: float,
 
 
 def unmask_mean(cur: RoundState, fcfg: FederatedConfig, adapter: dict[str, torch.Tensor],
-                silo_ids: dict[str, int], num_silos: int,
                 noise: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """The mean delta of the trainable keys, decoded from the masked vectors of ``cur``'s key set.
+    """The mean delta of the trainable keys, decoded from the survivors' masked vectors.
 
     Under DP the sum is divided by the planned participant count and noised (``noise``, default a
-    generator seeded from ``os.urandom``); otherwise it is divided by the decoded total weight.
+    generator seeded from ``os.urandom``); otherwise it is divided by the decoded total weight, i.e. the
+    survivors' (a dropped silo's weight is not in the sum).
     """
-    sa = fcfg.secure_aggregation
     keys = trainable_keys(adapter, fcfg)
     _, spec = flatten({k: adapter[k] for k in keys})
-    config = SecAggConfig(num_silos=num_silos, clip=sa.clip, frac_bits=sa.frac_bits,
-                          modulus_bits=sa.modulus_bits, max_weight=sa.max_weight)
-    server = SecAggServer({silo_ids[s]: pk for s, pk in (cur.keyset or {}).items()}, config,
-                          round_id=cur.round, attempt=cur.attempt)
-    total, weight = server.unmask({silo_ids[s]: v for s, v in cur.masked.items()})
+    assert cur.secagg is not None
+    total, weight = cur.secagg.decode(cur.round)
     if fcfg.dp.enabled:  # fixed denominator: the planned participant count (DP-FedAvg)
         mean = unflatten(total / cur.planned, spec)
         return add_noise(mean, fcfg.dp.clip_norm, fcfg.dp.noise_multiplier, cur.planned,
@@ -144,7 +138,7 @@ def unmask_mean(cur: RoundState, fcfg: FederatedConfig, adapter: dict[str, torch
 
 def aggregate_round(
     cur: RoundState, contributed: list[str], mean_delta: dict[str, torch.Tensor] | None, *,
-    strategy: Strategy, fcfg: FederatedConfig, adapter: dict[str, torch.Tensor], strategy_state: Any,
+    strategy: AggregationStrategy, fcfg: FederatedConfig, adapter: dict[str, torch.Tensor], strategy_state: Any,
     global_rank: int, noise: torch.Generator | None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], AggregateResult]:
     """Runs the strategy on the round's contributions.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fineray.cluster.storage import atomic_dir
 from fineray.federated._lora import lora_pairs, scale_lora
 from fineray.federated.strategies.base import BaseDelta
 from fineray.federated.strategies.flexlora import factored_svd, truncate_for_rank
@@ -90,16 +90,9 @@ def with_rank(config: Mapping[str, Any], r: int) -> dict[str, Any]:
 def write_adapter_dir(path: str | Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
     """Writes a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``), atomically replaced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / _WEIGHTS))
         (tmp / _CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from fineray.federated.secagg import SecAggError
 from fineray.federated.silo import SiloWorker
 from fineray.train.config import RunConfig, apply_overrides, validate_config
 
@@ -184,21 +185,27 @@ def _loop(client: SiloClient, worker: SiloWorker, cfg: RunConfig, poll_s: float,
                       json={"reason": "; ".join(out["self_check"])})
                 summary["rejections"].append({"round": rno, "reason": out["self_check"]})
             else:
-                pk = worker.secagg_key(rno, task["attempt"])
-                _call(client, "POST", f"/v1/rounds/{rno}/key?attempt={task['attempt']}", max_wait_s,
-                      json={"public_key": pk.hex(), "num_examples": out["num_examples"], "metrics": out["metrics"]})
+                body = {"keys": worker.secagg_keys(rno), "num_examples": out["num_examples"], "metrics": out["metrics"]}
+                _call(client, "POST", f"/v1/rounds/{rno}/keys", max_wait_s, json=body)
             summary["rounds_trained"] += 1
-        elif status == "mask":
+        elif status in _SECAGG_STEPS:
+            method, path = _SECAGG_STEPS[status]
             try:
-                masked = worker.secagg_mask(task["round"], task["attempt"], task["keyset"])
-            except KeyError as e:  # restarted after sending the key: our private key is gone; we are a dropout
-                log.warning("silo %s cannot mask: %s", client.name, e)
+                answer = getattr(worker, method)(task)
+            except (KeyError, SecAggError) as e:  # restarted (keys lost) or refused: this silo drops this round
+                log.warning("silo %s cannot %s: %s", client.name, status, e)
                 time.sleep(poll_s)
                 continue
-            _call(client, "POST", f"/v1/rounds/{task['round']}/masked?attempt={task['attempt']}", max_wait_s,
-                  content=masked, headers={"Content-Type": "application/octet-stream"})
+            kw: dict[str, Any] = ({"content": answer, "headers": {"Content-Type": "application/octet-stream"}}
+                                  if isinstance(answer, bytes) else {"json": answer})
+            _call(client, "POST", f"/v1/rounds/{task['round']}/{path}", max_wait_s, **kw)
         else:
             raise ValueError(f"unknown task status {status!r} from the coordinator")
+
+
+#: Secure-aggregation task status -> (the ``SiloWorker`` method that answers it, the endpoint it goes to).
+_SECAGG_STEPS = {"share": ("secagg_share", "shares"), "mask": ("secagg_mask", "masked"),
+                 "unmask": ("secagg_reveal", "reveal")}
 
 
 def _residual(client: SiloClient, max_wait_s: float) -> bytes | None:

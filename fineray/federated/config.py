@@ -18,31 +18,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fineray.federated.strategies import STRATEGIES, get_strategy
+from fineray.federated.secagg import SecAggConfig
+from fineray.federated.strategies import STRATEGIES, AggregationStrategy, get_strategy
 from fineray.train.config import ConfigError, RunConfig
 
 __all__ = [
-    "STRATEGY_OPTIONS",
     "DPSettings",
     "FederatedConfig",
     "SecAggSettings",
     "SiloSpec",
     "federated_config",
 ]
-
-#: Server-side keyword options each strategy accepts (``federated.strategy_options``); ``mu`` is FedProx's
-#: client proximal coefficient.
-STRATEGY_OPTIONS: dict[str, set[str]] = {
-    "fedavg": set(),
-    "fedprox": {"mu"},
-    "fedadam": {"eta", "beta1", "beta2", "tau"},
-    "fedyogi": {"eta", "beta1", "beta2", "tau"},
-    "ffa_lora": set(),
-    "fedex_lora": set(),
-    "flora": {"rank"},
-    "flexlora": {"rank", "keep_residual"},
-}
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -80,16 +66,23 @@ class SiloSpec(_Section):
 
 
 class SecAggSettings(_Section):
-    """Secure aggregation (pairwise masks, :mod:`fineray.federated.secagg`) of the silos' update deltas.
+    """Secure aggregation (:mod:`fineray.federated.secagg`) of the silos' update deltas, with dropout recovery.
 
     Attributes:
-        enabled: Mask every update; the server learns only the weighted sum.
+        enabled: Mask every update; the server learns only the weighted sum of the silos that finished.
         clip: Element-wise bound on an update delta (``|delta| <= clip``) before fixed-point encoding.
         frac_bits: Fixed-point fractional bits (quantisation step ``2^-frac_bits`` per element).
         modulus_bits: 32 or 64-bit modular arithmetic.
         max_weight: Upper bound on a silo's example count (it is masked too).
-        mask_timeout_s: Time for the key and mask exchanges after training; a silo missing it is
-            dropped and the round re-runs its masking with the survivors (fresh keys, no retraining).
+        threshold: Silos that must survive a round, ``t``: a count (``>= 2``), a fraction of the silos that
+            sent keys in ``(0, 1]`` (rounded up), or null for a majority of them. Each silo Shamir-shares its
+            mask key and self-mask seed ``t``-out-of-``n``; a silo that drops after sharing is recovered from
+            the survivors' shares and the round completes without it (Bonawitz et al. 2017; SecAgg+, Bell et
+            al. 2020). Fewer than ``t`` survivors and the round fails (the global adapter stays). Thresholds at
+            or below half of the silos tolerate more dropouts but no longer stop a server that lies about who
+            dropped from unmasking a live silo.
+        mask_timeout_s: Time for each exchange after training (shares, masked vectors, revealed shares); a
+            silo missing it is dropped and the round goes on with the others.
     """
 
     enabled: bool = False
@@ -97,6 +90,7 @@ class SecAggSettings(_Section):
     frac_bits: int = Field(24, ge=8, le=40)
     modulus_bits: int = 64
     max_weight: float = Field(1e6, gt=0)
+    threshold: int | float | None = None
     mask_timeout_s: float = Field(60.0, gt=0)
 
     @field_validator("modulus_bits")
@@ -105,6 +99,20 @@ class SecAggSettings(_Section):
         if v not in (32, 64):
             raise ValueError("must be 32 or 64")
         return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float | None) -> int | float | None:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("a count of silos must be >= 2 (a 'sum' of one update reveals it)")
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError("a fraction of the silos must be in (0, 1]")
+        return v
+
+    def protocol_config(self, num_silos: int) -> SecAggConfig:
+        """The fixed-point parameters every silo and the server use, for a federation of ``num_silos``."""
+        return SecAggConfig(num_silos=num_silos, clip=self.clip, frac_bits=self.frac_bits,
+                            modulus_bits=self.modulus_bits, max_weight=self.max_weight)
 
 
 class DPSettings(_Section):
@@ -135,7 +143,8 @@ class FederatedConfig(_Section):
         min_silos: Fewest accepted updates that make a round; fewer and the global adapter stays.
         round_timeout_s: Seconds a round waits for its participants; later updates are dropped.
         strategy: Aggregation strategy (see :data:`fineray.federated.strategies.STRATEGIES`).
-        strategy_options: Keyword options of the strategy (see :data:`STRATEGY_OPTIONS`).
+        strategy_options: Options of the strategy: the ``options`` (server side) and ``client_options``
+            (sent to the silos) its :class:`~fineray.federated.strategies.AggregationStrategy` entry declares.
         secure_aggregation: ``true``/``false`` or a :class:`SecAggSettings` mapping.
         dp: :class:`DPSettings`.
         max_update_norm: Reject an update whose delta L2 norm exceeds this (None: no bound).
@@ -193,10 +202,11 @@ class FederatedConfig(_Section):
         if self.min_silos > len(self.silos):
             raise ValueError(f"min_silos: {self.min_silos} exceeds the {len(self.silos)} silos")
         strat = get_strategy(self.strategy)
-        unknown = sorted(set(self.strategy_options) - STRATEGY_OPTIONS[strat.name])
+        accepted = strat.options | set(strat.client_options)
+        unknown = sorted(set(self.strategy_options) - accepted)
         if unknown:
             raise ValueError(f"strategy_options: {unknown} not accepted by {strat.name} "
-                             f"(accepted: {sorted(STRATEGY_OPTIONS[strat.name]) or 'none'})")
+                             f"(accepted: {sorted(accepted) or 'none'})")
         why = ("it needs every silo's individual LoRA factors (products, residual, stacking or SVD), but the "
                "server only ever sees one weighted mean")
         linear = sorted(n for n, s in STRATEGIES.items() if s.linear)
@@ -206,6 +216,9 @@ class FederatedConfig(_Section):
                                  f"masked updates. Use one of {linear}")
             if self.min_silos < 2:
                 raise ValueError("secure_aggregation: min_silos must be >= 2 (a 'sum' of one update reveals it)")
+            t = self.secure_aggregation.threshold
+            if isinstance(t, int) and t > len(self.silos):
+                raise ValueError(f"secure_aggregation: threshold {t} exceeds the {len(self.silos)} silos")
         if self.dp.enabled and not strat.linear:
             raise ValueError(f"dp: strategy {strat.name!r} is not linear: {why} of the clipped, noised deltas. "
                              f"Use one of {linear}")
@@ -216,8 +229,8 @@ class FederatedConfig(_Section):
         return self
 
     @property
-    def strategy_obj(self) -> Any:
-        """The :class:`~fineray.federated.strategies.Strategy` entry."""
+    def strategy_obj(self) -> AggregationStrategy:
+        """The strategy's registry entry."""
         return get_strategy(self.strategy)
 
     def participants_per_round(self, available: int | None = None) -> int:
@@ -227,19 +240,19 @@ class FederatedConfig(_Section):
 
     @property
     def trains_a(self) -> bool:
-        """False for FFA-LoRA, whose ``A`` factors stay frozen at the shared initialisation."""
-        return self.strategy != "ffa_lora"
+        """False when the strategy keeps ``A`` frozen at the shared initialisation (FFA-LoRA)."""
+        return self.strategy_obj.trains_a
 
     @property
     def proximal_mu(self) -> float:
-        """FedProx's client proximal coefficient (0 for every other strategy)."""
-        if self.strategy != "fedprox":
-            return 0.0
-        return float(self.strategy_options.get("mu", 0.01))
+        """The client proximal coefficient ``mu`` (FedProx's ``client_options``; 0 without one)."""
+        client = self.strategy_obj.client_options
+        return float(self.strategy_options.get("mu", client["mu"])) if "mu" in client else 0.0
 
     def server_options(self) -> dict[str, Any]:
         """Keyword options passed to the strategy's ``aggregate`` (client-side ones removed)."""
-        return {k: v for k, v in self.strategy_options.items() if k != "mu"}
+        client = self.strategy_obj.client_options
+        return {k: v for k, v in self.strategy_options.items() if k not in client}
 
 
 def _message(err: ValidationError) -> str:

@@ -3,17 +3,18 @@
 Transport-agnostic and thread-safe: the simulation driver and the HTTP handlers call the same methods.
 A round goes::
 
-    open_round -> [train: updates | (secagg) public keys] -> [mask: masked vectors] -> close_round
+    open_round -> [train: updates | (secagg) public keys] -> [(secagg) share -> mask -> unmask] -> close_round
 
 * Participants are sampled per round (``fraction_fit``, at least ``min_silos``) among available silos.
-* Submissions are idempotent per ``(round, silo)`` (and ``(round, attempt, silo)`` for secagg): a silo
-  that reconnects and sends again gets ``duplicate`` and the first copy counts.
+* Submissions are idempotent per ``(round, phase, silo)``: a silo that reconnects and sends again gets
+  ``duplicate`` and the first copy counts.
 * Updates are screened on arrival (malformed body, NaN/Inf, wrong keys/shapes, FFA-LoRA's frozen A
   changed, delta norm over ``max_update_norm``); a rejected silo is reported and the round goes on.
 * :meth:`tick` enforces deadlines: after ``round_timeout_s`` the round closes with what arrived
-  (late silos are reported as stragglers). Under secure aggregation, a silo that posted its key but
-  not its masked vector within ``mask_timeout_s`` aborts the masking attempt; the survivors re-key
-  and re-mask (no retraining) under a fresh attempt number (:func:`~fineray.federated.secagg.plan_rerun`).
+  (late silos are reported as stragglers). Under secure aggregation each later phase has
+  ``mask_timeout_s``; a silo that shared its keys but never sent its masked vector is dropped, its masks
+  are removed with the survivors' shares, and the round completes without it (:mod:`._secagg_round`);
+  fewer survivors than the threshold fail the round.
 * A round with fewer than ``min_silos`` accepted contributions leaves the global adapter unchanged.
 * Every closed round is checkpointed (:mod:`.state`); a new instance on the same folder resumes.
 
@@ -23,6 +24,7 @@ What is done with a round's contributions (screening, decoding the secure sum, a
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -41,11 +43,12 @@ from fineray.federated._aggregation import (
     trainable_keys,
     unmask_mean,
 )
+from fineray.federated._lora import flatten
+from fineray.federated._secagg_round import SecAggRound
 from fineray.federated.config import FederatedConfig
 from fineray.federated.dp import DPAccountant
-from fineray.federated.secagg import plan_rerun
 from fineray.federated.state import FederationSnapshot, load_snapshot, save_snapshot
-from fineray.federated.wire import WireError, pack_tensors, sha256_bytes, unpack_array
+from fineray.federated.wire import SubmitError, pack_tensors, sha256_bytes
 
 __all__ = ["Federation", "RoundState", "SubmitError", "compat_hash", "trainable_keys"]
 
@@ -59,14 +62,6 @@ def compat_hash(run_cfg: Any, fcfg: FederatedConfig) -> str:
             "options": fcfg.strategy_options, "dp": fcfg.dp.model_dump(mode="json"),
             "secagg": fcfg.secure_aggregation.enabled, "silos": sorted((s.name, s.rank) for s in fcfg.silos)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class SubmitError(Exception):
-    """A submission refused outright; ``status`` is the HTTP code to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Federation:
@@ -98,13 +93,13 @@ class Federation:
         self.current: RoundState | None = None
         self.last_seen: dict[str, float] = {}
         self.config_hash = compat_hash(run_cfg, fcfg)
-        snap = load_snapshot(self.state_dir)
+        snap = load_snapshot(self.state_dir, self.strategy)
         self.resumed = snap is not None
         if snap is None:
             init = init_adapter or (lambda: ad.initial_adapter(run_cfg, fcfg.seed, self.global_rank))
             tensors, config = init()
             snap = FederationSnapshot(round=0, adapter=tensors, adapter_config=config, config_hash=self.config_hash)
-            save_snapshot(self.state_dir, snap)
+            save_snapshot(self.state_dir, snap, self.strategy)
         elif snap.config_hash and snap.config_hash != self.config_hash:
             from fineray.train.config import ConfigError
 
@@ -166,14 +161,13 @@ class Federation:
             res = self.residual_blob()
             sa = f.secure_aggregation
             return {
-                "round": cur.round, "attempt": cur.attempt, "version": self.round, "adapter_sha": sha,
+                "round": cur.round, "version": self.round, "adapter_sha": sha,
                 "residual_sha": res[1] if res else None, "adapter_config": config,
                 "local_steps": f.local_steps, "local_epochs": f.local_epochs, "proximal_mu": f.proximal_mu,
                 "freeze_lora_a": not f.trains_a, "max_update_norm": f.max_update_norm,
                 "trainable_keys": trainable_keys(self.adapter, f), "heterogeneous": self.strategy.heterogeneous_rank,
                 "secagg": None if not sa.enabled else {
-                    "id": self.silo_ids[silo], "clip": sa.clip, "frac_bits": sa.frac_bits,
-                    "modulus_bits": sa.modulus_bits, "max_weight": sa.max_weight, "num_silos": len(self.silos)},
+                    "id": self.silo_ids[silo], "config": dataclasses.asdict(sa.protocol_config(len(self.silos)))},
                 "dp_clip": f.dp.clip_norm if f.dp.enabled and sa.enabled else None,
                 "uniform_weight": f.dp.enabled,
                 "deadline_in_s": max(0.0, cur.deadline - self.clock()),
@@ -205,9 +199,14 @@ class Federation:
             rng = random.Random(f"{self.fcfg.seed}:{self.round + 1}")
             chosen = sorted(rng.sample(pool, k))
             now = self.clock()
-            self.current = RoundState(round=self.round + 1, attempt=0, participants=chosen,
+            sa = self.fcfg.secure_aggregation
+            secagg = None
+            if sa.enabled:  # the masked vector: the trainable keys' delta, flattened, and the weight
+                size = flatten({k: self.adapter[k] for k in trainable_keys(self.adapter, self.fcfg)})[0].numel() + 1
+                secagg = SecAggRound(self.silo_ids, sa.protocol_config(len(self.silos)), size, sa.threshold)
+            self.current = RoundState(round=self.round + 1, participants=chosen,
                                       planned=self.fcfg.participants_per_round(), opened_at=now,
-                                      deadline=now + self.fcfg.round_timeout_s)
+                                      deadline=now + self.fcfg.round_timeout_s, secagg=secagg)
             return self.current
 
     def submit_update(self, silo: str, round_no: int, blob: bytes) -> str:
@@ -245,49 +244,47 @@ class Federation:
             cur.rejections.append((silo, f"self-check: {reason}"))
             return "recorded"
 
-    def submit_key(self, silo: str, round_no: int, attempt: int, public_key: bytes, num_examples: int,
+    def submit_key(self, silo: str, round_no: int, keys: dict[str, Any], num_examples: int,
                    metrics: dict[str, Any] | None = None) -> str:
-        """Secure aggregation: the silo's X25519 public key for ``(round, attempt)`` (after training)."""
+        """Secure aggregation: the silo's advertised keys (:class:`~.secagg.AdvertisedKeys` JSON) after training."""
         with self._lock:
             cur = self._check_participant(silo, round_no)
-            if not self.fcfg.secure_aggregation.enabled:
-                raise SubmitError(409, "secure aggregation is off: send the update itself")
-            if attempt != cur.attempt or cur.phase != "train":
-                raise SubmitError(409, f"attempt {attempt} is not collecting keys (attempt {cur.attempt}, "
-                                       f"phase {cur.phase})")
+            sa = self._secagg_round(round_no)
+            if cur.phase != "train":
+                raise SubmitError(409, f"round {round_no} no longer collects keys (phase {cur.phase})")
             if silo in cur.responded:
                 return "duplicate"
-            if len(public_key) != 32:
-                raise SubmitError(400, "an X25519 public key is 32 bytes")
+            status = sa.add_keys(silo, keys, num_examples, dict(metrics or {}))
             cur.responded[silo] = "key"
-            cur.keys[silo] = bytes(public_key)
-            cur.masked_meta[silo] = {"num_examples": int(num_examples), "metrics": dict(metrics or {})}
-            return "accepted"
+            return status
 
-    def keyset(self, round_no: int, attempt: int) -> dict[str, str] | None:
-        """``{secagg id: hex public key}`` once frozen for ``(round, attempt)``, else None."""
+    def secagg_task(self, silo: str) -> dict[str, Any] | None:
+        """``silo``'s secure-aggregation step in the open round (``{"status": share|mask|unmask, "round", ...}``)."""
         with self._lock:
-            cur = self._require_round(round_no)
-            if cur.attempt != attempt or cur.keyset is None:
-                return None
-            return {str(self.silo_ids[s]): pk.hex() for s, pk in cur.keyset.items()}
+            cur = self.current
+            task = cur.secagg.task(silo) if cur is not None and cur.secagg is not None else None
+            return None if task is None else {**task, "round": cur.round}
 
-    def submit_masked(self, silo: str, round_no: int, attempt: int, blob: bytes) -> str:
-        """Secure aggregation: the masked vector of ``(round, attempt)``."""
+    def submit_shares(self, silo: str, round_no: int, shares: dict[str, str]) -> str:
+        """Secure aggregation: ``{recipient id: hex ciphertext}`` of the silo's key shares, one per peer."""
         with self._lock:
-            cur = self._require_round(round_no)
-            if cur.phase != "mask" or cur.attempt != attempt or cur.keyset is None:
-                raise SubmitError(409, f"attempt {attempt} of round {round_no} is not collecting masked vectors")
-            if silo not in cur.keyset:
-                raise SubmitError(409, f"silo {silo!r} is not in the key set of this attempt")
-            if silo in cur.masked:
-                return "duplicate"
-            try:
-                arr, _ = unpack_array(blob)
-            except WireError as e:
-                raise SubmitError(400, str(e)) from None
-            cur.masked[silo] = arr
-            return "accepted"
+            return self._secagg_round(round_no).add_shares(silo, shares)
+
+    def submit_masked(self, silo: str, round_no: int, blob: bytes) -> str:
+        """Secure aggregation: the silo's masked vector (safetensors, ``uint32``/``uint64``)."""
+        with self._lock:
+            return self._secagg_round(round_no).add_masked(silo, blob)
+
+    def submit_reveal(self, silo: str, round_no: int, reveal: dict[str, Any]) -> str:
+        """Secure aggregation: a survivor's shares of the survivors' seeds and of the dropped silos' mask keys."""
+        with self._lock:
+            return self._secagg_round(round_no).add_reveal(silo, reveal)
+
+    def _secagg_round(self, round_no: int) -> SecAggRound:
+        cur = self._require_round(round_no)
+        if cur.secagg is None:
+            raise SubmitError(409, "secure aggregation is off: send the update itself")
+        return cur.secagg
 
     def _check_participant(self, silo: str, round_no: int) -> RoundState:
         cur = self._require_round(round_no)
@@ -295,43 +292,29 @@ class Federation:
             raise SubmitError(409, f"silo {silo!r} is not a participant of round {round_no}")
         return cur
 
-    def tick(self) -> dict[str, Any] | None:
-        """Advances the open round on completeness or deadlines; returns the history row if it closed."""
+    def tick(self, force: bool = False) -> dict[str, Any] | None:
+        """Advances the open round when its phase is complete or past its deadline; returns the history row if
+        the round closed. ``force`` ends the phase now (the simulation knows when nobody else will answer)."""
         with self._lock:
             cur = self.current
             if cur is None:
                 return None
             now = self.clock()
-            complete = all(s in cur.responded for s in cur.participants)
+            sa = cur.secagg
             if cur.phase == "train":
-                if not (complete or now >= cur.deadline):
-                    return None
-                if not self.fcfg.secure_aggregation.enabled:
-                    return self.close_round()
-                need = max(2, self.fcfg.min_silos)
-                if len(cur.keys) < need:
-                    return self.close_round(failure=f"only {len(cur.keys)} silos sent keys (need {need})")
-                cur.keyset, cur.phase = dict(cur.keys), "mask"
-                cur.deadline = now + self.fcfg.secure_aggregation.mask_timeout_s
+                done = all(s in cur.responded for s in cur.participants)
+            else:
+                done = sa is not None and not sa.pending()
+            if not (done or force or now >= cur.deadline):
                 return None
-            if all(s in cur.masked for s in cur.keyset or {}):
+            if sa is None:
                 return self.close_round()
-            if now < cur.deadline:
-                return None
-            try:
-                plan = plan_rerun([self.silo_ids[s] for s in cur.keyset or {}],
-                                  [self.silo_ids[s] for s in cur.masked], cur.attempt)
-            except ValueError as e:
-                return self.close_round(failure=f"secure aggregation aborted: {e}")
-            by_id = {i: s for s, i in self.silo_ids.items()}
-            survivors = [by_id[i] for i in plan.silos]
-            if len(survivors) < self.fcfg.min_silos:
-                return self.close_round(failure=f"only {len(survivors)} silos left after dropouts")
-            cur.dropped.extend(by_id[i] for i in plan.dropped)
-            cur.attempt, cur.phase, cur.participants = plan.attempt, "train", survivors
-            cur.keys, cur.keyset, cur.masked = {}, None, {}
-            cur.responded = {s: v for s, v in cur.responded.items() if v == "rejected"}
-            cur.deadline = now + self.fcfg.secure_aggregation.mask_timeout_s
+            failure = sa.advance()
+            if failure is not None:
+                return self.close_round(failure=f"secure aggregation: {failure}")
+            if sa.phase == "done":
+                return self.close_round()
+            cur.phase, cur.deadline = sa.phase, now + self.fcfg.secure_aggregation.mask_timeout_s
             return None
 
     # ------------------------------------------------------------------ aggregation
@@ -340,14 +323,12 @@ class Federation:
         with self._lock:
             cur = self._require_round()
             f = self.fcfg
-            secagg = f.secure_aggregation.enabled
-            contributed, row = round_row(cur, secagg, self.clock(), self.epsilon())
+            contributed, row = round_row(cur, self.clock(), self.epsilon())
             if failure is None and len(contributed) < f.min_silos:
                 failure = f"only {len(contributed)} accepted updates (min_silos={f.min_silos})"
             if failure is None:
                 try:
-                    mean = (unmask_mean(cur, f, self.adapter, self.silo_ids, len(self.silos), self._noise)
-                            if secagg else None)
+                    mean = unmask_mean(cur, f, self.adapter, self._noise) if cur.secagg else None
                     row.update(self._aggregate(cur, contributed, mean))
                     row["accepted"] = contributed
                 except (ValueError, RuntimeError) as e:  # a strategy refusing its inputs fails the round only
@@ -398,7 +379,7 @@ class Federation:
                 round=self.round, adapter=self.adapter, adapter_config=self.adapter_config,
                 residual=self.residual, strategy_state=self.strategy_state,
                 dp_rounds=0 if self.accountant is None else self.accountant.rounds,
-                history=self.history, evals=self.evals, config_hash=self.config_hash))
+                history=self.history, evals=self.evals, config_hash=self.config_hash), self.strategy)
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The servable PEFT adapter of the current global model (residual folded in exactly)."""

@@ -19,8 +19,9 @@ class FederationResult:
         run_dir: Run folder (checkpoints, exported adapter, ``rounds.jsonl``, ``curves.png``, ``summary.json``).
         strategy: Aggregation strategy.
         silos: Silo names.
-        rounds: One row per round: participation, rejections (``{silo: [reasons]}``), stragglers, mean local
-            train loss, epsilon, and ``eval`` = the new global adapter's losses (:func:`version_eval`).
+        rounds: One row per round: participation, rejections (``{silo: [reasons]}``), stragglers, silos
+            dropped during secure aggregation, mean local train loss, epsilon, and ``eval`` = the new global
+            adapter's losses (:func:`version_eval`).
         initial_eval: :func:`version_eval` of the round-0 adapter.
         comparison: Rows ``{method, mean_val_loss, cross_val_loss, held_out_loss, steps}`` for
             ``local-only``, ``federated`` and ``centralised`` (simulation with baselines). ``mean_val_loss``:
@@ -82,12 +83,12 @@ def print_federation(result: FederationResult, console: Any = None) -> None:
     t = Table(title=f"federation {result.name}: {result.strategy}, {len(result.silos)} silos")
     rows = result.rounds
     # Columns that would be empty in every row are left out, so the table fits an 80-column terminal.
-    show = {"rejected": any(r.get("rejected") for r in rows), "stragglers": any(r.get("stragglers") for r in rows),
-            "epsilon": any(r.get("epsilon") is not None for r in rows)}
-    cols = [c for c in ("round", "status", "accepted", "rejected", "stragglers", "train loss", "mean val",
-                        "held-out", "epsilon", "wall s") if show.get(c, True)]
+    lists = ("rejected", "stragglers", "dropped")
+    show = {c: any(r.get(c) for r in rows) for c in lists} | {"epsilon": any(r.get("epsilon") is not None for r in rows)}
+    cols = [c for c in ("round", "status", "accepted", *lists, "train loss", "mean val", "held-out", "epsilon",
+                        "wall s") if show.get(c, True)]
     for c in cols:
-        t.add_column(c, justify="left" if c in ("status", "rejected", "stragglers") else "right")
+        t.add_column(c, justify="left" if c in ("status", *lists) else "right")
     init = result.initial_eval
 
     def add(values: dict[str, str]) -> None:
@@ -98,7 +99,7 @@ def print_federation(result: FederationResult, console: Any = None) -> None:
         ev = row.get("eval", {})
         add({"round": str(row["round"]), "status": row.get("status", ""),
              "accepted": f"{len(row.get('accepted', []))}/{len(row.get('participants', []))}",
-             "rejected": ", ".join(row.get("rejected", {})), "stragglers": ", ".join(row.get("stragglers", [])),
+             **{c: ", ".join(row.get(c) or []) for c in lists},
              "train loss": _f(row.get("train_loss")), "mean val": _f(ev.get("mean_val")),
              "held-out": _f(ev.get("held_out")), "epsilon": _f(row.get("epsilon"), 3),
              "wall s": _f(row.get("wall_s"), 1)})

@@ -126,7 +126,7 @@ def screen_updates(
     Args:
         updates: ``{silo: adapter}``, or a list (silos are then the indices).
         global_adapter: The round's starting global adapter.
-        heterogeneous_rank: Pass ``Strategy.heterogeneous_rank`` to tolerate rank differences.
+        heterogeneous_rank: Pass ``AggregationStrategy.heterogeneous_rank`` to tolerate rank differences.
         max_delta_norm: Bound on each update delta's L2 norm, or None.
 
     Returns:

@@ -1,84 +1,81 @@
-"""Secure aggregation of silo updates with pairwise additive masks.
+"""Secure aggregation of silo updates that survives dropouts: pairwise and self masks, Shamir-shared keys.
 
-After Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving Machine
-Learning" (ACM CCS). The server learns only ``sum_i w_i x_i`` and ``sum_i w_i``, never one silo's
-vector, assuming an honest-but-curious server that does not collude with silos.
+The protocol of Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning" (ACM CCS; semi-honest variant), which SecAgg+ (Bell et al. 2020, "Secure Single-Server
+Aggregation with (Poly)Logarithmic Overhead", ACM CCS) keeps while sharing only with the neighbours of a
+sparse random graph. Cross-silo federations have tens of silos, so every silo shares with every other (the
+complete graph of the original). The server learns ``sum_i w_i x_i`` and ``sum_i w_i`` over the silos that
+finished, never one silo's vector, assuming an honest-but-curious server that colludes with fewer than ``t``
+silos. Per round (``round_id``), with ``t`` the threshold:
 
-Protocol per round (``round_id``) and attempt:
+0. **Keys.** Silo ``u`` makes two X25519 pairs, ``c`` (to encrypt shares) and ``s`` (for pairwise masks),
+   and a 32-byte self-mask seed ``b_u``; it sends ``c_pk``, ``s_pk`` and ``sha256(b_u)``
+   (:class:`AdvertisedKeys`). The server freezes the key set ``U1``.
+1. **Shares.** ``u`` Shamir-splits ``s_sk_u`` and ``b_u`` ``t``-out-of-``|U1|`` and sends every peer ``v``
+   its two shares encrypted under ``KDF(X25519(c_sk_u, c_pk_v))`` through the server
+   (:mod:`._secagg_crypto`). ``U2`` = the silos whose shares arrived.
+2. **Masked input.** ``u`` in ``U2`` receives the ciphertexts addressed to it and sends, modulo ``2^b``,
+   ``y_u = enc([w_u clip(x_u); w_u]) + PRG(b_u) + sum_{v in U2, v > u} PRG(s_uv) - sum_{v in U2, v < u} PRG(s_uv)``
+   with ``s_uv = KDF(X25519(s_sk_u, s_pk_v))``; ``enc`` is fixed point (scale ``2^frac_bits``, unbiased
+   stochastic rounding). ``U3`` = the silos whose ``y`` arrived.
+3. **Unmasking.** Every survivor is told ``U3`` and the dropped set ``U2 \\ U3``. It checks that the two
+   partition ``U2`` and that ``|U3| >= t``, then reveals its share of ``b_v`` for each survivor and of
+   ``s_sk_d`` for each dropped silo, never both for one silo (:class:`Reveal`). From ``t`` reveals the
+   server rebuilds each ``b_v`` (checked against its hash) and each ``s_sk_d`` (checked against ``s_pk_d``),
+   removes the self masks and the pairwise masks the survivors share with dropped silos, and decodes.
 
-1. Every silo makes an X25519 key pair (:func:`generate_keypair`); the server relays the public keys.
-2. Silos ``i, j`` agree on ``k_ij = X25519(sk_i, pk_j)`` and derive a 32-byte seed
-   ``s_ij = HKDF-SHA256(k_ij, info = tag | round_id | attempt | min(i,j) | max(i,j))``; fresh per
-   round *and* attempt so that a re-run never reuses a mask.
-3. Silo ``i`` encodes ``[w_i * clip(x_i); w_i]`` in fixed point (scale ``2^frac_bits``, unbiased
-   stochastic rounding) modulo ``2^32`` or ``2^64`` and adds ``PRG(s_ij)`` for every peer ``j > i``,
-   subtracts it for ``j < i``. The PRG is the ChaCha20 keystream keyed by ``s_ij`` (zero nonce: the
-   key is single-use). A masked vector is uniformly distributed on its own.
-4. The server adds the masked vectors modulo ``2^b``; the masks cancel pairwise, leaving the encoded
-   sums, which it decodes and returns as ``(sum_i w_i x_i, sum_i w_i)``; the caller divides.
+A silo that drops after step 1 therefore costs nothing but its own contribution: the round completes with the
+survivors and the mean is renormalised over them (their weights are inside the sum). The self mask is what
+keeps recovery safe: a "dropped" silo's vector arriving late would still carry ``PRG(b_d)``, which the server
+never learns together with ``s_sk_d``.
 
-Dropouts. Masks cancel only if every silo's vector arrives. The default, simplest honest policy:
-if any silo drops after the keys were exchanged, the server aborts the round (``unmask`` raises
-:class:`SecAggDropoutError`) and re-runs it without the dropped silos, with a new attempt number
-(:func:`plan_rerun`). Optional recovery: each silo Shamir-shares its private key with its peers
-(:meth:`SecAggClient.share_private_key`); ``threshold`` survivors give the server the shares of a
-dropped silo, which lets it recompute and strip that silo's masks from the survivors' vectors.
-Caveat: this repo omits Bonawitz's second "self" mask, so after recovering silo ``d`` the server
-could unmask a *late* vector from ``d``; it must discard late vectors of recovered silos, and shares
-must travel encrypted between silos (transport is the caller's). Prefer abort/re-run.
+**Threshold.** ``t`` survivors are needed (fewer: :class:`SecAggError`; the round fails, the global adapter
+stays); ``t`` colluding silos plus the server could unmask one silo. The default (:func:`resolve_threshold`)
+is a majority: no two disjoint groups of ``t`` silos exist, so a server lying about who dropped could not
+collect both masks of a live silo. Lower thresholds tolerate more dropouts and protect less.
 
-Cost: each silo expands ``n - 1`` PRG streams of ``d + 1`` words (ChaCha20 runs at GB/s); the
-server does ``n`` modular additions of ``d + 1`` words. Fixed-point overflow is ruled out up front:
-``n * max_weight * max(clip, 1) * 2^frac_bits`` must stay below ``2^b / 2``.
+**Cost.** Per silo ``|U2|`` PRG streams of ``d + 1`` words (ChaCha20, GB/s) and ``O(n t)`` field operations;
+the server ``|U3| (1 + |dropped|)`` streams. Overflow is ruled out up front (:class:`SecAggConfig`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
-import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fineray.federated._secagg_crypto import (
+    SecAggError,
+    agree,
+    decrypt_shares,
+    encrypt_shares,
+    generate_keypair,
+    prg,
+)
 from fineray.federated.shamir import Share, shamir_combine, shamir_split
 
 __all__ = [
-    "RerunPlan",
+    "AdvertisedKeys",
+    "Reveal",
     "SecAggClient",
     "SecAggConfig",
-    "SecAggDropoutError",
+    "SecAggError",
     "SecAggOverflowError",
     "SecAggServer",
-    "generate_keypair",
-    "plan_rerun",
     "prg",
-    "shamir_combine",
-    "shamir_split",
+    "resolve_threshold",
 ]
-
-_HKDF_TAG = b"fineray/secagg/v1"
 
 
 class SecAggOverflowError(ValueError):
     """The fixed-point sum could wrap around the modulus for this configuration."""
-
-
-class SecAggDropoutError(RuntimeError):
-    """Masked vectors are missing, so the masks cannot cancel; re-run without ``dropped``."""
-
-    def __init__(self, dropped: Iterable[int], survivors: Iterable[int]) -> None:
-        self.dropped = tuple(sorted(dropped))
-        self.survivors = tuple(sorted(survivors))
-        super().__init__(
-            f"silos {list(self.dropped)} dropped after masking; abort and re-run the round with "
-            f"{list(self.survivors)} (see plan_rerun) or recover their keys from Shamir shares"
-        )
 
 
 @dataclass(frozen=True)
@@ -130,95 +127,120 @@ class SecAggConfig:
         return np.dtype(np.uint64 if self.modulus_bits == 64 else np.uint32)
 
 
-@dataclass(frozen=True)
-class RerunPlan:
-    """What to do after a dropout: re-run with ``silos`` under attempt number ``attempt``."""
-
-    silos: tuple[int, ...]
-    dropped: tuple[int, ...]
-    attempt: int
-
-
-def plan_rerun(participants: Iterable[int], received: Iterable[int], attempt: int) -> RerunPlan:
-    """Abort policy: the silos to re-run the round with and the fresh attempt number.
+def resolve_threshold(threshold: float | None, n: int) -> int:
+    """The number of silos ``t`` that must survive, for a key set of ``n`` silos.
 
     Args:
-        participants: Silos that took part in the key exchange of the aborted attempt.
-        received: Silos whose masked vector arrived.
-        attempt: The aborted attempt number; the re-run uses ``attempt + 1`` (fresh masks).
+        threshold: A count (``>= 2``), a fraction of ``n`` in ``(0, 1]`` (rounded up), or None for a
+            majority, ``n // 2 + 1``.
+        n: Silos in the key set.
 
-    Raises:
-        ValueError: If fewer than 2 silos remain (a "sum" of one reveals it).
+    Returns:
+        ``t``, at least 2 (a "sum" of one vector reveals it); it may exceed ``n`` (the caller refuses).
     """
-    parts, got = set(participants), set(received)
-    survivors = tuple(sorted(parts & got))
-    if len(survivors) < 2:
-        raise ValueError(f"only {list(survivors)} left: secure aggregation needs at least 2 silos")
-    return RerunPlan(silos=survivors, dropped=tuple(sorted(parts - got)), attempt=attempt + 1)
+    if threshold is None:
+        t = n // 2 + 1
+    elif isinstance(threshold, float):
+        t = math.ceil(threshold * n - 1e-9)
+    else:
+        t = int(threshold)
+    return max(2, t)
 
 
-def generate_keypair() -> tuple[X25519PrivateKey, bytes]:
-    """A fresh X25519 key pair: ``(private_key, raw 32-byte public key)``."""
-    private = X25519PrivateKey.generate()
-    return private, private.public_key().public_bytes_raw()
+@dataclass(frozen=True)
+class AdvertisedKeys:
+    """What a silo publishes in step 0: its two public keys and the hash of its self-mask seed."""
+
+    enc_pk: bytes
+    mask_pk: bytes
+    seed_hash: bytes
+
+    def to_json(self) -> dict[str, str]:
+        return {"enc_pk": self.enc_pk.hex(), "mask_pk": self.mask_pk.hex(), "seed_hash": self.seed_hash.hex()}
+
+    @classmethod
+    def from_json(cls, data: Any) -> AdvertisedKeys:
+        """Raises: SecAggError: Not three 32-byte hex strings."""
+        try:
+            keys = cls(*(bytes.fromhex(data[k]) for k in ("enc_pk", "mask_pk", "seed_hash")))
+        except (KeyError, TypeError, ValueError):
+            raise SecAggError("keys must be {enc_pk, mask_pk, seed_hash} as hex strings") from None
+        if any(len(v) != 32 for v in (keys.enc_pk, keys.mask_pk, keys.seed_hash)):
+            raise SecAggError("public keys and the seed hash are 32 bytes each")
+        return keys
 
 
-def prg(seed: bytes, length: int, dtype: np.dtype) -> np.ndarray:
-    """Expands a 32-byte seed into ``length`` uniform words of ``dtype`` (ChaCha20 keystream)."""
-    dtype = np.dtype(dtype)
-    encryptor = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
-    stream = encryptor.update(bytes(length * dtype.itemsize))
-    return np.frombuffer(stream, dtype=dtype.newbyteorder("<")).astype(dtype)
+@dataclass(frozen=True)
+class Reveal:
+    """One survivor's step-3 answer: its shares of each survivor's seed and of each dropped silo's mask key."""
 
+    seeds: dict[int, Share] = field(default_factory=dict)
+    mask_keys: dict[int, Share] = field(default_factory=dict)
 
-def _pair_seed(
-    private: X25519PrivateKey, peer_public: bytes, lo: int, hi: int, round_id: int, attempt: int
-) -> bytes:
-    shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
-    info = _HKDF_TAG + struct.pack("<QQqq", round_id, attempt, lo, hi)
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+    def to_json(self) -> dict[str, dict[str, list[Any]]]:
+        return {kind: {str(i): [x, hex(y)] for i, (x, y) in getattr(self, kind).items()}
+                for kind in ("seeds", "mask_keys")}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Reveal:
+        """Raises: SecAggError: Not ``{seeds, mask_keys}`` of ``{id: [x, hex y]}``."""
+        try:
+            return cls(*({int(i): (int(x), int(y, 16)) for i, (x, y) in data[kind].items()}
+                         for kind in ("seeds", "mask_keys")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise SecAggError("a reveal must be {seeds: {id: [x, hex]}, mask_keys: {id: [x, hex]}}") from None
 
 
 class SecAggClient:
-    """One silo's side: encodes, clips and masks its weighted update.
+    """One silo's side of one round: keys, shares, masked input, reveal (in this order).
 
     Args:
-        silo_id: This silo's id (distinct integers across participants).
-        peers_public_keys: ``{silo_id: raw public key}`` of all participants of this attempt (this
-            silo's own entry, if present, is checked against ``private_key``).
-        private_key: This silo's X25519 key from :func:`generate_keypair`.
+        silo_id: This silo's id (distinct integers across the federation).
         config: Shared :class:`SecAggConfig`.
-        round_id: Federated round number.
-        attempt: Attempt number within the round (bumped by :func:`plan_rerun`).
+        round_id: Federated round number (binds every derived seed and ciphertext to it).
     """
 
-    def __init__(
-        self,
-        silo_id: int,
-        peers_public_keys: Mapping[int, bytes],
-        private_key: X25519PrivateKey,
-        config: SecAggConfig,
-        *,
-        round_id: int = 0,
-        attempt: int = 0,
-    ) -> None:
-        own = private_key.public_key().public_bytes_raw()
-        if silo_id in peers_public_keys and peers_public_keys[silo_id] != own:
-            raise ValueError(f"public key listed for silo {silo_id} is not this silo's")
-        self.silo_id = silo_id
-        self.peers = {j: bytes(pk) for j, pk in peers_public_keys.items() if j != silo_id}
-        if len(self.peers) + 1 > config.num_silos:
-            raise ValueError(f"{len(self.peers) + 1} participants exceed config.num_silos={config.num_silos}")
-        if not self.peers:
-            raise ValueError("secure aggregation needs at least one peer")
-        self.config = config
-        self.round_id = round_id
-        self.attempt = attempt
-        self._private = private_key
+    def __init__(self, silo_id: int, config: SecAggConfig, *, round_id: int = 0) -> None:
+        self.silo_id, self.config, self.round_id = silo_id, config, round_id
+        self._enc, enc_pk = generate_keypair()
+        self._mask, mask_pk = generate_keypair()
+        self._seed = os.urandom(32)
+        self.keys = AdvertisedKeys(enc_pk, mask_pk, hashlib.sha256(self._seed).digest())
+        self._keyset: dict[int, AdvertisedKeys] = {}
+        self._threshold = 0
+        self._outbox: dict[int, bytes] = {}
+        self._held: dict[int, tuple[Share, Share]] = {}  # sender -> (its mask-key share, its seed share) for me
+        self._sharers: frozenset[int] = frozenset()
+        self._masked: np.ndarray | None = None
+        self._revealed: tuple[frozenset[int], frozenset[int]] | None = None
 
-    def encode(
-        self, vector: torch.Tensor, weight: float, generator: torch.Generator | None = None
-    ) -> np.ndarray:
+    def share(self, keyset: Mapping[int, AdvertisedKeys], threshold: int) -> dict[int, bytes]:
+        """Step 1: ``{peer: ciphertext}`` of this silo's shares for every other silo of the key set.
+
+        Raises:
+            SecAggError: This silo's keys are not in ``keyset``, or ``threshold`` is outside ``2..len(keyset)``.
+        """
+        if self._outbox:
+            return dict(self._outbox)  # asked again (reconnect): the same shares
+        if keyset.get(self.silo_id) != self.keys:
+            raise SecAggError(f"the key set does not hold silo {self.silo_id}'s keys")
+        n = len(keyset)
+        if not 2 <= threshold <= n or n > self.config.num_silos:
+            raise SecAggError(f"threshold {threshold} must be in 2..{n} (silos in the key set, at most "
+                              f"{self.config.num_silos})")
+        ids = sorted(keyset)
+        mask_shares = shamir_split(self._mask.private_bytes_raw(), n, threshold)
+        seed_shares = shamir_split(self._seed, n, threshold)
+        for v, s_share, b_share in zip(ids, mask_shares, seed_shares, strict=True):
+            if v == self.silo_id:
+                self._held[v] = (s_share, b_share)
+                continue
+            key = agree(self._enc, keyset[v].enc_pk, b"share", self.round_id, self.silo_id, v)
+            self._outbox[v] = encrypt_shares(key, self.round_id, self.silo_id, v, s_share, b_share)
+        self._keyset, self._threshold = dict(keyset), threshold
+        return dict(self._outbox)
+
+    def encode(self, vector: torch.Tensor, weight: float, generator: torch.Generator | None = None) -> np.ndarray:
         """Fixed-point encoding of ``[weight * clip(vector); weight]`` without masks (mod ``2^b``)."""
         cfg = self.config
         if not 0 <= weight <= cfg.max_weight:
@@ -226,9 +248,7 @@ class SecAggClient:
         x = vector.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("update contains NaN/Inf; validate it before secure aggregation")
-        values = torch.cat(
-            [x.clamp(-cfg.clip, cfg.clip) * weight, torch.tensor([float(weight)], dtype=torch.float64)]
-        )
+        values = torch.cat([x.clamp(-cfg.clip, cfg.clip) * weight, torch.tensor([float(weight)], dtype=torch.float64)])
         scaled = values * cfg.scale
         if generator is None:  # rounding noise only needs to be unpredictable, not reproducible
             generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
@@ -240,121 +260,144 @@ class SecAggClient:
             return ints.view(np.uint64).copy()  # two's complement == residue mod 2^64
         return (ints & 0xFFFFFFFF).astype(np.uint32)
 
-    def mask(
-        self, vector: torch.Tensor, weight: float, generator: torch.Generator | None = None
-    ) -> np.ndarray:
-        """Returns the masked encoding of ``[weight * clip(vector); weight]`` to send to the server.
+    def mask(self, vector: torch.Tensor, weight: float, inbox: Mapping[int, bytes],
+             generator: torch.Generator | None = None) -> np.ndarray:
+        """Step 2: the masked encoding of ``[weight * clip(vector); weight]``.
 
         Args:
             vector: Flat update (e.g. from :func:`fineray.federated._lora.flatten`), any float dtype.
             weight: Example count, in ``[0, config.max_weight]``.
+            inbox: ``{sender: ciphertext}`` addressed to this silo by every other silo of ``U2``.
             generator: Source of the stochastic-rounding noise; default seeded from ``os.urandom``.
 
         Returns:
             ``uint32``/``uint64`` array of ``len(vector) + 1`` words, uniform-looking on its own.
+
+        Raises:
+            SecAggError: Called before :meth:`share`, fewer than ``threshold`` silos shared, a sender not in
+                the key set, a ciphertext that does not decrypt, or asked again for other senders (the same
+                masks over another set would let the server subtract two vectors).
         """
+        if not self._keyset:
+            raise SecAggError(f"silo {self.silo_id} has not shared its keys in round {self.round_id}")
+        sharers = frozenset(inbox) | {self.silo_id}
+        if self._masked is not None:
+            if sharers != self._sharers:
+                raise SecAggError(f"silo {self.silo_id} already masked for silos {sorted(self._sharers)}")
+            return self._masked.copy()  # asked again (reconnect): the same vector
+        if not sharers <= set(self._keyset):
+            raise SecAggError(f"shares from silos outside the key set: {sorted(sharers - set(self._keyset))}")
+        if len(sharers) < self._threshold:
+            raise SecAggError(f"only {len(sharers)} silos shared their keys, fewer than the threshold "
+                              f"{self._threshold}: refusing to mask")
+        for u, blob in inbox.items():
+            key = agree(self._enc, self._keyset[u].enc_pk, b"share", self.round_id, self.silo_id, u)
+            self._held[u] = decrypt_shares(key, self.round_id, u, self.silo_id, blob)
+        self._sharers = sharers
         out = self.encode(vector, weight, generator)
-        for j, pk in sorted(self.peers.items()):
-            lo, hi = min(self.silo_id, j), max(self.silo_id, j)
-            m = prg(_pair_seed(self._private, pk, lo, hi, self.round_id, self.attempt), out.size, out.dtype)
-            if j > self.silo_id:
-                np.add(out, m, out=out)  # wraps mod 2^b
-            else:
-                np.subtract(out, m, out=out)
+        np.add(out, prg(self._seed, out.size, out.dtype), out=out)  # wraps mod 2^b
+        for v in sorted(sharers - {self.silo_id}):
+            m = prg(agree(self._mask, self._keyset[v].mask_pk, b"mask", self.round_id, self.silo_id, v),
+                    out.size, out.dtype)
+            (np.add if v > self.silo_id else np.subtract)(out, m, out=out)
+        self._masked = out.copy()
         return out
 
-    def share_private_key(self, threshold: int) -> dict[int, Share]:
-        """Shamir shares of this silo's private key, one per peer (send each encrypted to its peer).
+    def reveal(self, survivors: Iterable[int], dropped: Iterable[int]) -> Reveal:
+        """Step 3: shares of the survivors' seeds and of the dropped silos' mask keys.
 
-        Args:
-            threshold: Survivor shares needed to recover the key; choose ``> n / 2`` so that the
-                server cannot collect them for silos that are still alive.
-
-        Returns:
-            ``{peer_id: (x, y)}``.
+        Raises:
+            SecAggError: Called before :meth:`mask`; the lists do not partition the silos that shared; fewer
+                than ``threshold`` survivors; or asked again with different lists (answering both could hand
+                the server both masks of one silo).
         """
-        peers = sorted(self.peers)
-        shares = shamir_split(self._private.private_bytes_raw(), len(peers), threshold)
-        return dict(zip(peers, shares, strict=True))
+        alive, gone = frozenset(survivors), frozenset(dropped)
+        if not self._sharers:
+            raise SecAggError(f"silo {self.silo_id} has not masked in round {self.round_id}")
+        if alive & gone or alive | gone != self._sharers or self.silo_id not in alive:
+            raise SecAggError(f"survivors {sorted(alive)} and dropped {sorted(gone)} do not partition the silos "
+                              f"that shared keys, {sorted(self._sharers)}")
+        if len(alive) < self._threshold:
+            raise SecAggError(f"only {len(alive)} survivors, fewer than the threshold {self._threshold}: "
+                              "refusing to reveal")
+        if self._revealed is not None and self._revealed != (alive, gone):
+            raise SecAggError("already revealed for a different set of survivors")
+        self._revealed = (alive, gone)
+        return Reveal(seeds={v: self._held[v][1] for v in sorted(alive)},
+                      mask_keys={d: self._held[d][0] for d in sorted(gone)})
 
 
 class SecAggServer:
-    """Server side: sums masked vectors and decodes the weighted sum.
+    """Server side: sums the masked vectors, removes the masks with the revealed shares, decodes.
 
     Args:
-        public_keys: ``{silo_id: raw public key}`` of all participants of this attempt.
+        keyset: ``{silo_id: AdvertisedKeys}`` frozen in step 0 (``U1``).
         config: Shared :class:`SecAggConfig`.
+        threshold: ``t``, as given to the silos.
         round_id: Federated round number.
-        attempt: Attempt number within the round.
     """
 
-    def __init__(
-        self, public_keys: Mapping[int, bytes], config: SecAggConfig, *, round_id: int = 0, attempt: int = 0
-    ) -> None:
-        if len(public_keys) < 2 or len(public_keys) > config.num_silos:
-            raise ValueError(f"need 2..{config.num_silos} participants, got {len(public_keys)}")
-        self.public_keys = {i: bytes(pk) for i, pk in public_keys.items()}
-        self.config = config
-        self.round_id = round_id
-        self.attempt = attempt
+    def __init__(self, keyset: Mapping[int, AdvertisedKeys], config: SecAggConfig, threshold: int, *,
+                 round_id: int = 0) -> None:
+        if not 2 <= threshold <= len(keyset) <= config.num_silos:
+            raise SecAggError(f"need 2 <= threshold ({threshold}) <= silos ({len(keyset)}) <= {config.num_silos}")
+        self.keyset, self.config, self.threshold, self.round_id = dict(keyset), config, threshold, round_id
 
-    def unmask(
-        self,
-        masked_vectors: Mapping[int, np.ndarray],
-        recovered_shares: Mapping[int, list[Share]] | None = None,
-    ) -> tuple[torch.Tensor, float]:
-        """Sums the masked vectors and decodes ``(sum_i w_i clip(x_i), sum_i w_i)``.
+    def unmask(self, masked: Mapping[int, np.ndarray], sharers: Iterable[int],
+               reveals: Mapping[int, Reveal]) -> tuple[torch.Tensor, float]:
+        """Decodes ``(sum_{v in U3} w_v clip(x_v), sum_{v in U3} w_v)`` over the survivors ``U3 = masked``.
 
         Args:
-            masked_vectors: ``{silo_id: masked array}`` as returned by :meth:`SecAggClient.mask`.
-            recovered_shares: Optional ``{dropped_silo: [shares from survivors]}`` to strip the
-                masks of dropped silos instead of aborting (see the module caveat).
+            masked: ``{silo_id: masked array}`` of the survivors.
+            sharers: ``U2``, the silos whose shares were delivered (survivors and dropped).
+            reveals: ``{survivor: Reveal}``; at least ``threshold`` of them.
 
         Returns:
             ``(weighted_sum float64 tensor of length d, total_weight)``; the weighted mean is
             ``weighted_sum / total_weight``.
 
         Raises:
-            SecAggDropoutError: If a participant's vector is missing and its shares are not given.
-            ValueError: On unknown silos, fewer than 2 vectors, or inconsistent lengths/dtypes.
+            SecAggError: Fewer than ``threshold`` survivors or reveals, or shares that do not rebuild a
+                seed (hash mismatch) or a mask key (public key mismatch).
+            ValueError: Vectors of different lengths or dtypes.
         """
-        cfg = self.config
-        unknown = set(masked_vectors) - set(self.public_keys)
-        if unknown:
-            raise ValueError(f"vectors from non-participants {sorted(unknown)}")
-        recovered = dict(recovered_shares or {})
-        dropped = set(self.public_keys) - set(masked_vectors)
-        if dropped - set(recovered):
-            raise SecAggDropoutError(dropped, masked_vectors)
-        if len(masked_vectors) < 2:
-            raise ValueError("fewer than 2 vectors: their 'sum' would reveal a single silo's update")
-        lengths = {v.size for v in masked_vectors.values()}
-        if len(lengths) != 1 or any(v.dtype != cfg.dtype for v in masked_vectors.values()):
+        cfg, t = self.config, self.threshold
+        alive, shared = set(masked), set(sharers)
+        if not alive <= shared <= set(self.keyset):
+            raise SecAggError(f"masked vectors from silos that did not share keys: {sorted(alive - shared)}")
+        if len(alive) < t:
+            raise SecAggError(f"only {len(alive)} of {len(shared)} silos delivered masked vectors, fewer than the "
+                              f"threshold {t}: the dropped silos' masks cannot be removed")
+        revealers = sorted(set(reveals) & alive)
+        if len(revealers) < t:
+            raise SecAggError(f"only {len(revealers)} survivors revealed their shares, fewer than the threshold {t}")
+        lengths = {v.size for v in masked.values()}
+        if len(lengths) != 1 or any(v.dtype != cfg.dtype for v in masked.values()):
             raise ValueError(f"masked vectors must share one length and dtype {cfg.dtype}")
         total = np.zeros(lengths.pop(), dtype=cfg.dtype)
-        for vec in masked_vectors.values():
+        for vec in masked.values():
             np.add(total, vec, out=total)
-        for d in sorted(dropped):
-            self._strip_masks(total, d, recovered[d], survivors=masked_vectors)
+        for v in sorted(alive):
+            seed = self._combine(reveals, revealers, "seeds", v)
+            if hashlib.sha256(seed).digest() != self.keyset[v].seed_hash:
+                raise SecAggError(f"the revealed shares of silo {v}'s self-mask seed do not rebuild it")
+            np.subtract(total, prg(seed, total.size, total.dtype), out=total)
+        for d in sorted(shared - alive):
+            private = X25519PrivateKey.from_private_bytes(self._combine(reveals, revealers, "mask_keys", d))
+            if private.public_key().public_bytes_raw() != self.keyset[d].mask_pk:
+                raise SecAggError(f"the revealed shares of dropped silo {d}'s mask key do not rebuild it")
+            for v in sorted(alive):  # survivor v added PRG(s_vd) if d > v, subtracted it otherwise: undo that
+                m = prg(agree(private, self.keyset[v].mask_pk, b"mask", self.round_id, d, v), total.size, total.dtype)
+                (np.subtract if d > v else np.add)(total, m, out=total)
         signed = total.view(np.int64 if cfg.modulus_bits == 64 else np.int32).astype(np.float64) / cfg.scale
         return torch.from_numpy(signed[:-1].copy()), float(signed[-1])
 
-    def _strip_masks(
-        self, total: np.ndarray, dropped: int, shares: list[Share], survivors: Iterable[int]
-    ) -> None:
-        """Removes the masks survivors shared with ``dropped`` (its key rebuilt from Shamir shares)."""
-        private = X25519PrivateKey.from_private_bytes(shamir_combine(shares, 32))
-        if private.public_key().public_bytes_raw() != self.public_keys[dropped]:
-            raise ValueError(f"shares of silo {dropped} do not reconstruct its key (too few or corrupted)")
-        for v in survivors:
-            lo, hi = min(v, dropped), max(v, dropped)
-            m = prg(
-                _pair_seed(private, self.public_keys[v], lo, hi, self.round_id, self.attempt),
-                total.size,
-                total.dtype,
-            )
-            # Survivor v added the mask if dropped > v, subtracted it otherwise: undo that.
-            if dropped > v:
-                np.subtract(total, m, out=total)
-            else:
-                np.add(total, m, out=total)
+    def _combine(self, reveals: Mapping[int, Reveal], revealers: list[int], kind: str, of: int) -> bytes:
+        shares = [getattr(reveals[r], kind).get(of) for r in revealers]
+        shares = [s for s in shares if s is not None][: self.threshold]
+        if len(shares) < self.threshold:
+            raise SecAggError(f"fewer than {self.threshold} shares of silo {of}'s {kind.replace('_', ' ')}")
+        try:
+            return shamir_combine(shares, 32)
+        except ValueError as e:
+            raise SecAggError(f"shares of silo {of}'s {kind.replace('_', ' ')}: {e}") from None

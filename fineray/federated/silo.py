@@ -37,7 +37,7 @@ from fineray.federated import adapters as ad
 from fineray.federated._lora import flatten
 from fineray.federated.dp import clip_update
 from fineray.federated.robust import validate_update
-from fineray.federated.secagg import SecAggClient, SecAggConfig, generate_keypair
+from fineray.federated.secagg import AdvertisedKeys, SecAggClient, SecAggConfig
 from fineray.federated.wire import pack_array, pack_tensors, sha256_bytes, unpack_tensors
 from fineray.train.config import RunConfig
 from fineray.train.session import LocalSession, RaySession
@@ -149,7 +149,7 @@ class SiloWorker:
 
         self.num_examples = len(read_records(self.train_path))
         self._cache: dict[tuple[int, str], dict[str, Any]] = {}
-        self._keys: dict[tuple[int, int], Any] = {}
+        self._secagg: dict[int, SecAggClient] = {}
 
     def info(self) -> dict[str, Any]:
         """Name, training example count and data files."""
@@ -171,8 +171,8 @@ class SiloWorker:
 
         Returns:
             ``{"update": bytes | None, "num_examples", "metrics", "self_check": [reasons]}``; ``update`` is
-            None under secure aggregation (call :meth:`secagg_key` / :meth:`secagg_mask`) or when the
-            silo's own check failed.
+            None under secure aggregation (the ``secagg_*`` steps send it masked) or when the silo's own
+            check failed.
         """
         key = (int(task["round"]), sha256_bytes(adapter_blob))
         if key in self._cache:  # reconnect / coordinator restart: same round, same start, same answer
@@ -180,15 +180,7 @@ class SiloWorker:
         t0 = time.perf_counter()
         rdir = self.work_dir / f"round_{task['round']:06d}"
         global_t, _ = unpack_tensors(adapter_blob)
-        adapter_dir = ad.write_adapter_dir(rdir / "global", global_t, task["adapter_config"])
-        residual_path = None
-        if residual_blob:
-            residual_path = rdir / "residual.safetensors"
-            residual_path.write_bytes(residual_blob)
-        hooks = FedHooks(str(residual_path) if residual_path else None, float(task.get("proximal_mu") or 0.0),
-                         bool(task.get("freeze_lora_a")))
-        cfg = self._round_config(task)
-        final, metrics = (self._train_ray if self.trainer == "ray" else self._train_local)(cfg, adapter_dir, hooks, rdir)
+        final, metrics = self._train_round(task, global_t, residual_blob, rdir)
         final = {k: v.to(global_t[k].dtype) if k in global_t else v for k, v in final.items()}
         metrics["wall_s"] = round(time.perf_counter() - t0, 3)
         entry = {"round": task["round"], "final": final, "global": global_t, "metrics": metrics, "task": task}
@@ -198,6 +190,19 @@ class SiloWorker:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # release GPU memory between rounds
         return self._public(entry)
+
+    def _train_round(self, task: dict[str, Any], global_t: dict[str, torch.Tensor], residual_blob: bytes | None,
+                     rdir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Local training from ``global_t`` with the round's hooks: ``(final adapter tensors, metrics)``."""
+        adapter_dir = ad.write_adapter_dir(rdir / "global", global_t, task["adapter_config"])
+        residual_path = None
+        if residual_blob:
+            residual_path = rdir / "residual.safetensors"
+            residual_path.write_bytes(residual_blob)
+        hooks = FedHooks(str(residual_path) if residual_path else None, float(task.get("proximal_mu") or 0.0),
+                         bool(task.get("freeze_lora_a")))
+        cfg = self._round_config(task)
+        return (self._train_ray if self.trainer == "ray" else self._train_local)(cfg, adapter_dir, hooks, rdir)
 
     def _public(self, entry: dict[str, Any]) -> dict[str, Any]:
         task, final, global_t = entry["task"], entry["final"], entry["global"]
@@ -236,36 +241,24 @@ class SiloWorker:
 
     def _train_ray(self, cfg: RunConfig, adapter_dir: Path, hooks: FedHooks, rdir: Path
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        import ray.train
-        from ray.train.torch import TorchConfig, TorchTrainer
         from safetensors.torch import load_file
 
-        sc = cfg.scaling
-        resources = dict(sc.resources_per_worker or {})
-        if not sc.use_gpu:
-            resources.setdefault("CPU", 1)
-        trainer = TorchTrainer(
-            ray_silo_entry,
-            train_loop_config={"run": cfg.to_dict(), "adapter_path": str(adapter_dir),
-                               "hooks": {"residual_path": hooks.residual_path, "proximal_mu": hooks.proximal_mu,
-                                         "freeze_lora_a": hooks.freeze_lora_a}},
-            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                                   resources_per_worker=resources or None),
-            run_config=ray.train.RunConfig(name=f"{self.name}-{rdir.name}", storage_path=str(self.work_dir / "ray"),
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-                                           failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
-        )
+        from fineray.train.launcher import make_trainer
+
+        storage = self.work_dir / "ray" / f"{self.name}-{rdir.name}"
+        trainer = make_trainer(cfg, rdir, adapter_path=str(adapter_dir), storage_path=str(storage),
+                               entry=ray_silo_entry, loop_config={"hooks": vars(hooks)})
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"silo {self.name}: local training produced no checkpoint")
         with result.checkpoint.as_directory() as ckpt:
             final = load_file(str(Path(ckpt) / "adapter" / "adapter_model.safetensors"))
             hist = [json.loads(x) for x in (Path(ckpt) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        shutil.rmtree(self.work_dir / "ray" / f"{self.name}-{rdir.name}", ignore_errors=True)
+        shutil.rmtree(storage, ignore_errors=True)
         return final, _loop_metrics(hist, dict(result.metrics or {}))
 
     def _keep(self, rdir: Path, final: dict[str, torch.Tensor], metrics: dict[str, Any]) -> None:
+        rdir.mkdir(parents=True, exist_ok=True)
         (rdir / "update.safetensors").write_bytes(pack_tensors(final, {"metrics": metrics}))
         shutil.rmtree(rdir / "global", ignore_errors=True)
         rounds = sorted(p for p in self.work_dir.glob("round_*") if p.is_dir())
@@ -273,39 +266,59 @@ class SiloWorker:
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ secure aggregation
-    def secagg_key(self, round_no: int, attempt: int) -> bytes:
-        """A fresh X25519 public key for ``(round, attempt)`` (the private key stays here)."""
-        private, public = generate_keypair()
-        self._keys = {k: v for k, v in self._keys.items() if k[0] == round_no}
-        self._keys[(round_no, attempt)] = private
-        return public
-
-    def secagg_mask(self, round_no: int, attempt: int, keyset: dict[str, str]) -> bytes:
-        """The masked encoding of this silo's delta for ``(round, attempt)``.
-
-        Args:
-            keyset: ``{secagg id: hex public key}`` frozen by the coordinator (this silo included).
+    def secagg_keys(self, round_no: int) -> dict[str, str]:
+        """Step 0: this silo's advertised keys for ``round_no`` (the same on every call of a round).
 
         Raises:
-            KeyError: If this silo has no trained update or private key for that round/attempt.
+            KeyError: No trained update for ``round_no`` (e.g. the silo restarted): it is a dropout.
         """
-        entry = next((e for (r, _), e in self._cache.items() if r == round_no), None)
-        private = self._keys.get((round_no, attempt))
-        if entry is None or private is None:
-            raise KeyError(f"silo {self.name}: no update or key for round {round_no} attempt {attempt}")
-        task, final, global_t = entry["task"], entry["final"], entry["global"]
-        sa = task["secagg"]
-        keys = task["trainable_keys"]
-        delta = {k: final[k].to(torch.float64) - global_t[k].to(torch.float64) for k in keys}
-        weight = 1.0 if task.get("uniform_weight") else float(self.num_examples)
-        if task.get("dp_clip"):
-            delta, _ = clip_update(delta, float(task["dp_clip"]))
+        client = self._secagg.get(round_no)
+        if client is None:
+            sa = self._entry(round_no)["task"]["secagg"]
+            client = SecAggClient(int(sa["id"]), SecAggConfig(**sa["config"]), round_id=round_no)
+            self._secagg = {round_no: client}  # only the latest round's protocol state is kept
+        return client.keys.to_json()
+
+    def secagg_share(self, task: dict[str, Any]) -> dict[str, str]:
+        """Step 1: ``{peer id: hex ciphertext}`` of this silo's key shares (task from the coordinator)."""
+        keyset = {int(i): AdvertisedKeys.from_json(k) for i, k in task["keyset"].items()}
+        out = self._secagg_client(task["round"]).share(keyset, int(task["threshold"]))
+        return {str(v): ct.hex() for v, ct in out.items()}
+
+    def secagg_mask(self, task: dict[str, Any]) -> bytes:
+        """Step 2: the masked encoding of this silo's delta (safetensors), from the shares addressed to it.
+
+        Raises:
+            KeyError: No trained update or protocol state for the round (the silo restarted).
+            SecAggError: Too few silos shared, or a share does not decrypt.
+        """
+        round_no = int(task["round"])
+        client = self._secagg_client(round_no)
+        entry = self._entry(round_no)
+        train_task, final, global_t = entry["task"], entry["final"], entry["global"]
+        delta = {k: final[k].to(torch.float64) - global_t[k].to(torch.float64) for k in train_task["trainable_keys"]}
+        weight = 1.0 if train_task.get("uniform_weight") else float(self.num_examples)
+        if train_task.get("dp_clip"):
+            delta, _ = clip_update(delta, float(train_task["dp_clip"]))
         vec, _ = flatten(delta)
-        config = SecAggConfig(num_silos=int(sa["num_silos"]), clip=float(sa["clip"]), frac_bits=int(sa["frac_bits"]),
-                              modulus_bits=int(sa["modulus_bits"]), max_weight=float(sa["max_weight"]))
-        peers = {int(i): bytes.fromhex(pk) for i, pk in keyset.items()}
-        client = SecAggClient(int(sa["id"]), peers, private, config, round_id=round_no, attempt=attempt)
-        return pack_array(client.mask(vec, weight), {"round": round_no, "attempt": attempt})
+        inbox = {int(u): bytes.fromhex(ct) for u, ct in task["shares"].items()}
+        return pack_array(client.mask(vec, weight, inbox), {"round": round_no})
+
+    def secagg_reveal(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Step 3: shares of the survivors' seeds and of the dropped silos' mask keys (never both for one)."""
+        return self._secagg_client(task["round"]).reveal(task["survivors"], task["dropped"]).to_json()
+
+    def _entry(self, round_no: int) -> dict[str, Any]:
+        entry = next((e for (r, _), e in self._cache.items() if r == round_no), None)
+        if entry is None:
+            raise KeyError(f"silo {self.name}: no trained update for round {round_no}")
+        return entry
+
+    def _secagg_client(self, round_no: int) -> SecAggClient:
+        client = self._secagg.get(int(round_no))
+        if client is None:
+            raise KeyError(f"silo {self.name}: no secure-aggregation state for round {round_no} (restarted?)")
+        return client
 
 
 def _loop_metrics(history: list[dict[str, Any]], last: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from fineray.federated.federation import Federation
 from fineray.federated.outputs import check_run_config, federation_run_dir, finalize
 from fineray.federated.report import FederationResult, print_federation
 from fineray.federated.silo import SiloWorker, evaluate_adapter
-from fineray.federated.wire import pack_tensors
+from fineray.federated.wire import SubmitError, pack_tensors
 from fineray.train.config import ConfigError, RunConfig
 
 __all__ = ["FederationError", "FederationResult", "print_federation", "run_simulation"]
@@ -113,8 +114,6 @@ def _evaluate_version(fed: Federation, silos: _Silos, cfg: RunConfig, fcfg: Fede
 
 def _train_round(fed: Federation, silos: _Silos, fcfg: FederatedConfig) -> dict[str, Any]:
     """Runs the open round to its end; returns the history row."""
-    import ray
-
     cur = fed.current
     assert cur is not None
     rno = cur.round
@@ -124,55 +123,58 @@ def _train_round(fed: Federation, silos: _Silos, fcfg: FederatedConfig) -> dict[
     for s in cur.participants:
         blob, _, _ = fed.adapter_blob(s)
         refs[silos.get(s).train.remote(fed.train_task(s), blob, res_blob)] = s
-    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.0, cur.deadline - fed.clock()))
-    results: dict[str, dict[str, Any]] = {}
-    for ref in ready:
-        silo = refs[ref]
-        try:
-            results[silo] = ray.get(ref)
-        except Exception as e:  # noqa: BLE001
-            fed.submit_decline(silo, rno, f"local training failed: {type(e).__name__}: {str(e)[:200]}")
-    for ref in pending:
-        silos.kill(refs[ref])  # straggler: its late update would be ignored anyway; free its resources
-    secagg = fcfg.secure_aggregation.enabled
-    for silo, out in sorted(results.items()):
-        if not secagg:
+    results = dict(_gather(refs, fed, silos, failed=lambda s, e: fed.submit_decline(
+        s, rno, f"local training failed: {type(e).__name__}: {str(e)[:200]}")))
+    if not fcfg.secure_aggregation.enabled:
+        for silo, out in sorted(results.items()):
             fed.submit_update(silo, rno, out["update"])
-        elif out["self_check"]:
+        return fed.tick(force=True) or fed.history[-1]
+    for silo, out in sorted(results.items()):
+        if out["self_check"]:
             fed.submit_decline(silo, rno, "; ".join(out["self_check"]))
-    asked: set[tuple[int, str]] = set()  # (attempt, silo): each silo is asked to mask once per attempt
-    while True:
-        cur = fed.current
-        if cur is None or cur.round != rno:
-            return fed.history[-1]
-        if secagg and cur.phase == "train":
-            for silo in cur.participants:
-                if silo in results and silo not in cur.responded:
-                    try:
-                        pk = ray.get(silos.get(silo).secagg_key.remote(rno, cur.attempt))
-                    except Exception as e:  # noqa: BLE001 - a silo failing here simply does not contribute
-                        fed.submit_decline(silo, rno, f"key exchange failed: {type(e).__name__}")
-                        continue
-                    fed.submit_key(silo, rno, cur.attempt, pk, results[silo]["num_examples"],
-                                   results[silo]["metrics"])
-        elif secagg and cur.phase == "mask":
-            keyset = fed.keyset(rno, cur.attempt)
-            todo = [s for s in (cur.keyset or {}) if s not in cur.masked and (cur.attempt, s) not in asked]
-            asked.update((cur.attempt, s) for s in todo)
-            mrefs = {silos.get(s).secagg_mask.remote(rno, cur.attempt, keyset): s for s in todo}
-            ready, pending = ray.wait(list(mrefs), num_returns=len(mrefs),
-                                      timeout=max(0.0, cur.deadline - fed.clock()))
-            for ref in ready:
-                try:
-                    fed.submit_masked(mrefs[ref], rno, cur.attempt, ray.get(ref))
-                except Exception as e:  # noqa: BLE001 - a silo failing to mask is a dropout
-                    log.warning("silo %s failed to mask: %s", mrefs[ref], e)
-            for ref in pending:
-                silos.kill(mrefs[ref])
-        state = (cur.phase, cur.attempt, len(cur.responded), len(cur.masked))
-        fed.tick()
-        if fed.current is cur and state == (cur.phase, cur.attempt, len(cur.responded), len(cur.masked)):
-            time.sleep(min(0.2, max(0.0, cur.deadline - fed.clock())))  # nothing to do before the deadline
+    key_refs = {silos.get(s).secagg_keys.remote(rno): s for s, out in results.items() if not out["self_check"]}
+    for silo, keys in _gather(key_refs, fed, silos):
+        fed.submit_key(silo, rno, keys, results[silo]["num_examples"], results[silo]["metrics"])
+    # Secure aggregation's phases: every silo the phase expects is asked once; whoever fails or misses the
+    # deadline has dropped, and the round goes on without it (fewer than the threshold fail it).
+    while (row := fed.tick(force=True)) is None:
+        method, submit = _SECAGG_STEPS[fed.current.phase]
+        step_refs = {getattr(silos.get(s), method).remote(fed.secagg_task(s)): s for s in fed.current.secagg.pending()}
+        for silo, answer in _gather(step_refs, fed, silos):
+            try:
+                getattr(fed, submit)(silo, rno, answer)
+            except SubmitError as e:
+                log.warning("silo %s: %s refused: %s", silo, submit, e)
+    return row
+
+
+#: Secure-aggregation phase -> (the silo actor's method, the Federation's submit method).
+_SECAGG_STEPS = {"share": ("secagg_share", "submit_shares"), "mask": ("secagg_mask", "submit_masked"),
+                 "unmask": ("secagg_reveal", "submit_reveal")}
+
+
+def _gather(refs: dict[Any, str], fed: Federation, silos: _Silos,
+            failed: Callable[[str, Exception], None] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(silo, answer)`` of the calls that finished before the open phase's deadline; the silos of the others
+    are killed (stragglers: a late answer would be ignored anyway). A call that raised calls ``failed``."""
+    import ray
+
+    if not refs:
+        return
+    cur = fed.current
+    timeout = max(0.0, cur.deadline - fed.clock()) if cur is not None else None
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    for ref in pending:
+        silos.kill(refs[ref])
+    for ref in ready:
+        try:
+            answer = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - a failing silo is reported or dropped, the federation goes on
+            log.warning("silo %s failed: %s", refs[ref], e)
+            if failed is not None:
+                failed(refs[ref], e)
+            continue
+        yield refs[ref], answer
 
 
 def _baselines(cfg: RunConfig, fcfg: FederatedConfig, fed: Federation, silos: _Silos, run_dir: Path
@@ -306,6 +308,7 @@ def run_simulation(cfg: RunConfig, *, progress: bool = True, console: Any = None
                 eps = f", epsilon {row['epsilon']:.3f}" if row.get("epsilon") is not None else ""
                 rej = f", rejected {sorted(row['rejected'])}" if row["rejected"] else ""
                 late = f", stragglers {row['stragglers']}" if row["stragglers"] else ""
+                late += f", dropped {row['dropped']}" if row["dropped"] else ""
                 console.print(f"round {row['round']}/{fcfg.rounds}: {row['status']}, {len(row['accepted'])}/"
                               f"{len(row['participants'])} accepted{rej}{late}{eps} ({row['wall_s']:.1f} s)",
                               highlight=False)

@@ -5,21 +5,20 @@ Layout under the federation's state folder (``<run_dir>/federation``)::
     round_000003/
         global_adapter.safetensors    the global adapter after round 3 (PEFT naming)
         residual.safetensors          folded base residual (exact strategies only)
-        strategy_state.safetensors    server optimiser moments (FedAdam/FedYogi only)
+        strategy_state.safetensors    the strategy's server state (e.g. FedAdam's moments), saved and
+                                      loaded by the strategy's own ``save_state`` / ``load_state``
         state.json                    round, adapter config, DP accountant, history, evaluations
     LATEST                            "round_000003"
 
 A round folder is written under a temporary name and renamed into place, then ``LATEST`` is replaced
-(write + fsync + ``os.replace``), so a coordinator killed at any instant restarts from the last complete
-round. The two newest round folders are kept.
+(:func:`fineray.cluster.storage.atomic_dir` and ``atomic_write_bytes``), so a coordinator killed at any
+instant restarts from the last complete round. The two newest round folders are kept.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fineray.cluster import storage
 from fineray.federated.adapters import Residual, residual_from_tensors, residual_to_tensors
-from fineray.federated.strategies.fedopt import FedOptState
+from fineray.federated.strategies import AggregationStrategy
 
 __all__ = ["FederationSnapshot", "load_snapshot", "save_snapshot"]
 
@@ -54,55 +54,36 @@ def _contig(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in t.items()}
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_snapshot(state_dir: str | Path, snap: FederationSnapshot, keep: int = 2) -> Path:
+def save_snapshot(state_dir: str | Path, snap: FederationSnapshot, strategy: AggregationStrategy,
+                  keep: int = 2) -> Path:
     """Publishes ``snap`` as ``round_<N>`` and points ``LATEST`` at it.
 
     Raises:
-        TypeError: For a strategy state other than :class:`FedOptState` (no other exists yet).
+        TypeError: ``snap`` holds a server state but ``strategy`` declares no ``save_state``.
     """
     root = Path(state_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"round_{snap.round:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    with storage.atomic_dir(root / name) as tmp:
         save_file(_contig(snap.adapter), str(tmp / "global_adapter.safetensors"))
         if snap.residual:
             save_file(_contig(residual_to_tensors(snap.residual)), str(tmp / "residual.safetensors"))
-        meta: dict[str, Any] = {}
-        if snap.strategy_state is not None:
-            st = snap.strategy_state
-            if not isinstance(st, FedOptState):
-                raise TypeError(f"cannot checkpoint strategy state of type {type(st).__name__}")
-            tensors = {f"m.{k}": v for k, v in st.m.items()} | {f"v.{k}": v for k, v in st.v.items()}
-            save_file(_contig(tensors), str(tmp / "strategy_state.safetensors"))
-            meta["fedopt_step"] = st.step
         state = {"round": snap.round, "adapter_config": snap.adapter_config, "dp_rounds": snap.dp_rounds,
-                 "history": snap.history, "evals": snap.evals, "config_hash": snap.config_hash, **meta}
-        _fsync_write(tmp / "state.json", json.dumps(state, indent=1, default=str).encode())
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_write(root / _LATEST, name.encode())
+                 "history": snap.history, "evals": snap.evals, "config_hash": snap.config_hash}
+        if snap.strategy_state is not None:
+            if strategy.save_state is None:
+                raise TypeError(f"strategy {strategy.name!r} returned a server state but declares no save_state")
+            tensors, state["strategy_state"] = strategy.save_state(snap.strategy_state)
+            save_file(_contig(tensors), str(tmp / "strategy_state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
+    storage.atomic_write_bytes(*storage.open_fs(str(root / _LATEST)), name.encode())
     rounds = sorted(p for p in root.glob("round_*") if p.is_dir())
     for old in rounds[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return root / name
 
 
-def load_snapshot(state_dir: str | Path) -> FederationSnapshot | None:
-    """The last published snapshot, or None when the folder holds none."""
+def load_snapshot(state_dir: str | Path, strategy: AggregationStrategy) -> FederationSnapshot | None:
+    """The last published snapshot, or None when the folder holds none (``strategy`` loads its state)."""
     root = Path(state_dir)
     latest = root / _LATEST
     if not latest.is_file():
@@ -113,11 +94,9 @@ def load_snapshot(state_dir: str | Path) -> FederationSnapshot | None:
     if (folder / "residual.safetensors").is_file():
         residual = residual_from_tensors(load_file(str(folder / "residual.safetensors")))
     strategy_state = None
-    if (folder / "strategy_state.safetensors").is_file():
-        t = load_file(str(folder / "strategy_state.safetensors"))
-        strategy_state = FedOptState(m={k[2:]: v for k, v in t.items() if k.startswith("m.")},
-                                     v={k[2:]: v for k, v in t.items() if k.startswith("v.")},
-                                     step=int(state.get("fedopt_step", 0)))
+    if (folder / "strategy_state.safetensors").is_file() and strategy.load_state is not None:
+        strategy_state = strategy.load_state(load_file(str(folder / "strategy_state.safetensors")),
+                                             dict(state.get("strategy_state") or {}))
     return FederationSnapshot(
         round=int(state["round"]), adapter=load_file(str(folder / "global_adapter.safetensors")),
         adapter_config=state["adapter_config"], residual=residual, strategy_state=strategy_state,

@@ -24,6 +24,7 @@ from safetensors.torch import save as torch_save
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "SubmitError",
     "WireError",
     "pack_array",
     "pack_tensors",
@@ -40,6 +41,14 @@ _META_KEY = "fineray"
 
 class WireError(ValueError):
     """A body that is not a well-formed safetensors payload of the expected kind."""
+
+
+class SubmitError(Exception):
+    """A submission the coordinator refuses outright; ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def sha256_bytes(blob: bytes) -> str:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,14 @@ def dataset_fingerprint(cfg: RunConfig) -> str:
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = None, board: Any = None,
-                 storage_path: str | None = None, callbacks: list[Any] | None = None) -> Any:
-    """A Ray Train `TorchTrainer` for this config (workers, resources, storage, retries, checkpoints)."""
+                 storage_path: str | None = None, callbacks: list[Any] | None = None,
+                 entry: Callable[[dict[str, Any]], None] | None = None,
+                 loop_config: dict[str, Any] | None = None) -> Any:
+    """A Ray Train `TorchTrainer` for this config (workers, resources, storage, retries, checkpoints).
+
+    `entry` replaces the per-worker function (default `fineray.train.loop.ray_worker_entry`; the federated
+    silo passes its own, which runs the same loop with its hooks) and `loop_config` adds keys to its config.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -90,8 +97,9 @@ def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = No
     if not sc.use_gpu:
         resources.setdefault("CPU", 1)
     return TorchTrainer(
-        ray_worker_entry,
-        train_loop_config={"run": cfg.to_dict(), "adapter_path": adapter_path, "progress_board": board},
+        entry or ray_worker_entry,
+        train_loop_config={"run": cfg.to_dict(), "adapter_path": adapter_path, "progress_board": board,
+                           **(loop_config or {})},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources or None),

@@ -86,3 +86,5 @@ def test_coordinator_refuses_to_serve_without_tls_or_authentication(tmp_path):
         run_coordinator(cfg, "127.0.0.1", 0, "c.pem", "k.pem", None, None)
     with pytest.raises(ConfigError, match="not in federated.silos"):
         run_coordinator(cfg, "127.0.0.1", 0, "c.pem", "k.pem", None, {"mallory": "x"})
+    with pytest.raises(ConfigError, match=r"cannot load the coordinator's TLS files \(cert c.pem"):
+        run_coordinator(cfg, "127.0.0.1", 0, "c.pem", "k.pem", None, {"acme": "x"})

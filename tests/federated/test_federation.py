@@ -1,5 +1,5 @@
 """The coordinator's state machine without models or network: stragglers, screening, idempotent submits,
-restart/resume, DP accounting, secure aggregation (with a dropout re-run) against plain aggregation."""
+restart/resume, DP accounting, secure aggregation (a dropped silo recovered) against plain aggregation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fineray.federated._lora import flatten
 from fineray.federated.config import federated_config
 from fineray.federated.dp import DPAccountant
 from fineray.federated.federation import Federation, SubmitError, trainable_keys
-from fineray.federated.secagg import SecAggClient, SecAggConfig, generate_keypair
+from fineray.federated.secagg import AdvertisedKeys, SecAggClient, SecAggConfig
 from fineray.federated.wire import pack_array, pack_tensors
 from fineray.train.config import ConfigError, load_config
 
@@ -186,59 +186,101 @@ def test_dp_epsilon_is_reported_after_every_round(tmp_path: Path):
     assert all(np.isfinite(list(r["update_norms"].values())).all() for r in rows)
 
 
-def test_secure_aggregation_with_dropout_rerun_equals_plain_mean(tmp_path: Path):
-    # Prepare: three silos train; "c" sends its key but never its masked vector.
+class SecAggSilos:
+    """Silos running the secure-aggregation steps against a Federation, as ``SiloWorker`` does over a transport."""
+
+    def __init__(self, fed: Federation, updates: dict[str, dict[str, torch.Tensor]], counts: dict[str, int]):
+        self.fed, self.updates, self.counts, self.clients = fed, updates, counts, {}
+
+    def keys(self, silos: list[str]) -> None:
+        for s in silos:
+            sa = self.fed.train_task(s)["secagg"]
+            self.clients[s] = SecAggClient(sa["id"], SecAggConfig(**sa["config"]), round_id=self.fed.current.round)
+            self.fed.submit_key(s, self.fed.current.round, self.clients[s].keys.to_json(), self.counts[s],
+                                {"train_loss": 1.0})
+
+    def step(self, silos: list[str]) -> list[str]:
+        """Each silo does the step the coordinator asks of it; returns the answers."""
+        fed, answers = self.fed, []
+        for s in silos:
+            task, client = fed.secagg_task(s), self.clients[s]
+            rno = task["round"]
+            if task["status"] == "share":
+                keyset = {int(i): AdvertisedKeys.from_json(k) for i, k in task["keyset"].items()}
+                shares = client.share(keyset, task["threshold"])
+                answers.append(fed.submit_shares(s, rno, {str(v): ct.hex() for v, ct in shares.items()}))
+            elif task["status"] == "mask":
+                g = fed.adapter
+                delta, _ = flatten({k: self.updates[s][k].double() - g[k].double() for k in trainable_keys(g, fed.fcfg)})
+                inbox = {int(u): bytes.fromhex(ct) for u, ct in task["shares"].items()}
+                answers.append(fed.submit_masked(s, rno, pack_array(client.mask(delta, float(self.counts[s]), inbox))))
+            else:
+                answers.append(fed.submit_reveal(s, rno, client.reveal(task["survivors"], task["dropped"]).to_json()))
+        return answers
+
+
+def test_secure_aggregation_recovers_a_silo_dropped_after_sharing_and_equals_the_survivors_plain_mean(tmp_path: Path):
+    # Prepare: five silos train and send keys (threshold: a majority, 3). "e" never shares its keys; "c"
+    # shares them (so every other silo's vector carries a mask shared with "c") but never masks.
     clock = FakeClock()
+    names = ["a", "b", "c", "d", "e"]
     sa = {"enabled": True, "clip": 2.0, "frac_bits": 24, "mask_timeout_s": 10.0}
-    fed = _fed(tmp_path / "s", ["a", "b", "c"], clock, secure_aggregation=sa)
-    plain = _fed(tmp_path / "p", ["a", "b", "c"])
+    fed = _fed(tmp_path / "s", names, clock, secure_aggregation=sa)
+    plain = _fed(tmp_path / "p", names)
     fed.open_round()
     plain.open_round()
     g = fed.adapter
-    updates = {"a": _update(g, 1), "b": _update(g, 2), "c": _update(g, 3)}
-    counts = {"a": 12, "b": 30, "c": 5}
-
-    def masked(silo: str, attempt: int, private, keyset: dict[str, str]) -> bytes:
-        task = fed.train_task(silo)
-        keys = task["trainable_keys"]
-        delta, _ = flatten({k: updates[silo][k].double() - g[k].double() for k in keys})
-        s = task["secagg"]
-        conf = SecAggConfig(num_silos=s["num_silos"], clip=s["clip"], frac_bits=s["frac_bits"],
-                            modulus_bits=s["modulus_bits"], max_weight=s["max_weight"])
-        client = SecAggClient(s["id"], {int(i): bytes.fromhex(p) for i, p in keyset.items()}, private, conf,
-                              round_id=1, attempt=attempt)
-        return pack_array(client.mask(delta, float(counts[silo])))
-
-    def key_phase(silos: list[str], attempt: int) -> dict[str, object]:
-        privs = {}
-        for s in silos:
-            privs[s], pk = generate_keypair()
-            fed.submit_key(s, 1, attempt, pk, counts[s], {"train_loss": 1.0})
-        assert fed.tick() is None and fed.current.phase == "mask"
-        return privs
-
-    # Execute: attempt 0 loses "c"; the survivors re-key and re-mask under attempt 1.
-    privs = key_phase(["a", "b", "c"], 0)
-    keyset0 = fed.keyset(1, 0)
-    for s in ("a", "b"):
-        fed.submit_masked(s, 1, 0, masked(s, 0, privs[s], keyset0))
-    assert fed.tick() is None
+    updates = {s: _update(g, i) for i, s in enumerate(names)}
+    counts = {"a": 12, "b": 30, "c": 5, "d": 7, "e": 9}
+    silos = SecAggSilos(fed, updates, counts)
+    # Execute
+    silos.keys(names)
+    assert fed.tick() is None and fed.current.phase == "share"
+    assert silos.step(["a", "b", "c", "d"]) == ["accepted"] * 4
+    assert fed.tick() is None and fed.current.phase == "share"  # waits for "e" until the deadline
     clock.t += 11.0
-    assert fed.tick() is None and fed.current.attempt == 1 and fed.current.participants == ["a", "b"]
-    privs = key_phase(["a", "b"], 1)
-    keyset1 = fed.keyset(1, 1)
-    for s in ("a", "b"):
-        fed.submit_masked(s, 1, 1, masked(s, 1, privs[s], keyset1))
+    assert fed.tick() is None and fed.current.phase == "mask" and fed.secagg_task("e") is None
+    assert silos.step(["a", "b", "d"]) == ["accepted"] * 3
+    assert fed.submit_masked("a", 1, b"anything") == "duplicate"
+    clock.t += 11.0
+    assert fed.tick() is None and fed.current.phase == "unmask"
+    assert fed.secagg_task("a")["dropped"] == [fed.silo_ids["c"]]
+    assert silos.step(["a", "b", "d"]) == ["accepted"] * 3
     row = fed.tick()
-    for s in ("a", "b"):
+    for s in ("a", "b", "d"):
         plain.submit_update(s, 1, _blob(updates[s], n=counts[s]))
     plain_row = plain.close_round()
-    # Assert
-    assert row["status"] == "ok" and row["attempts"] == 2 and row["dropped"] == ["c"]
-    assert row["accepted"] == ["a", "b"] == plain_row["accepted"]
-    assert set(keyset0) == {"0", "1", "2"} and set(keyset1) == {"0", "1"}
-    for k in g:  # quantisation: 2^-24 per element and unit of weight, summed over 2 silos
+    # Assert: one pass, no re-run; the aggregate is the survivors' plain example-weighted mean.
+    assert row["status"] == "ok" and row["accepted"] == ["a", "b", "d"] == plain_row["accepted"]
+    assert row["dropped"] == ["c", "e"] and row["stragglers"] == [] and row["num_examples"] == 49
+    for k in g:  # quantisation: 2^-24 per element and unit of weight, summed over 3 silos
         torch.testing.assert_close(fed.adapter[k], plain.adapter[k], atol=1e-6, rtol=0)
+
+
+def test_fewer_survivors_than_the_threshold_fail_the_round_and_keep_the_adapter(tmp_path: Path):
+    # Prepare: threshold 3 of 3 silos; "c" drops after sharing.
+    clock = FakeClock()
+    sa = {"enabled": True, "clip": 2.0, "threshold": 3, "mask_timeout_s": 10.0}
+    fed = _fed(tmp_path, ["a", "b", "c"], clock, secure_aggregation=sa)
+    fed.open_round()
+    before = {k: v.clone() for k, v in fed.adapter.items()}
+    silos = SecAggSilos(fed, {s: _update(before, i) for i, s in enumerate("abc")}, {"a": 1, "b": 2, "c": 3})
+    silos.keys(["a", "b", "c"])
+    fed.tick()
+    silos.step(["a", "b", "c"])
+    fed.tick()
+    silos.step(["a", "b"])
+    # Execute
+    clock.t += 11.0
+    row = fed.tick()
+    # Assert
+    assert row["status"] == ("failed: secure aggregation: only 2 of 3 silos delivered masked vectors, fewer than "
+                             "the threshold 3: the dropped silos' masks cannot be removed")
+    assert row["accepted"] == [] and row["dropped"] == ["c"] and fed.round == 1
+    assert all(torch.equal(fed.adapter[k], before[k]) for k in before)
+    assert fed.open_round().round == 2
+    with pytest.raises(ConfigError, match="federated.secure_aggregation: threshold 4 exceeds the 3 silos"):
+        _fed(tmp_path / "x", ["a", "b", "c"], secure_aggregation={**sa, "threshold": 4})
 
 
 def test_ffa_lora_keeps_a_exact_under_secure_aggregation_keys_and_rejects_a_change(tmp_path: Path):

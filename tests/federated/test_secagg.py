@@ -8,55 +8,61 @@ import torch
 
 from fineray.federated._lora import flatten, unflatten
 from fineray.federated.secagg import (
+    Reveal,
     SecAggClient,
     SecAggConfig,
-    SecAggDropoutError,
+    SecAggError,
     SecAggOverflowError,
     SecAggServer,
-    generate_keypair,
-    plan_rerun,
     prg,
-    shamir_combine,
-    shamir_split,
+    resolve_threshold,
 )
+from fineray.federated.shamir import shamir_combine, shamir_split
 
 
-def _setup(silos: list[int], config: SecAggConfig, attempt: int = 0):
-    keys = {i: generate_keypair() for i in silos}
-    public = {i: pk for i, (_, pk) in keys.items()}
-    clients = {i: SecAggClient(i, public, keys[i][0], config, round_id=5, attempt=attempt) for i in silos}
-    return clients, SecAggServer(public, config, round_id=5, attempt=attempt)
+def _run(xs: dict[int, torch.Tensor], ws: dict[int, float], config: SecAggConfig, *, threshold: int | None = None,
+         drop_before_sharing=(), drop_after_sharing=(), round_id: int = 5):
+    """Runs the four steps for silos ``xs``; some never share, some share but never send their vector."""
+    clients = {i: SecAggClient(i, config, round_id=round_id) for i in xs}
+    keyset = {i: c.keys for i, c in clients.items()}
+    t = threshold or resolve_threshold(None, len(keyset))
+    outboxes = {i: c.share(keyset, t) for i, c in clients.items() if i not in drop_before_sharing}
+    sharers = sorted(outboxes)
+    masked = {i: clients[i].mask(xs[i], ws[i], {u: box[i] for u, box in outboxes.items() if u != i})
+              for i in sharers if i not in drop_after_sharing}
+    alive, gone = sorted(masked), [i for i in sharers if i not in masked]
+    reveals = {i: clients[i].reveal(alive, gone) for i in alive}
+    server = SecAggServer(keyset, config, t, round_id=round_id)
+    return server, masked, sharers, reveals, clients
 
 
 def test_unmasked_sum_matches_plain_weighted_sum():
     # Prepare
     n, d, frac_bits = 4, 2000, 20
     config = SecAggConfig(num_silos=n, clip=4.0, frac_bits=frac_bits, max_weight=1000.0)
-    clients, server = _setup(list(range(n)), config)
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(d, generator=gen, dtype=torch.float64) for _ in range(n)]
-    ws = [10.0, 250.0, 31.0, 999.0]
+    xs = {i: torch.randn(d, generator=gen, dtype=torch.float64) for i in range(n)}
+    ws = {0: 10.0, 1: 250.0, 2: 31.0, 3: 999.0}
     # Execute
-    masked = {i: clients[i].mask(xs[i], ws[i]) for i in range(n)}
-    weighted_sum, total = server.unmask(masked)
+    server, masked, sharers, reveals, _ = _run(xs, ws, config)
+    weighted_sum, total = server.unmask(masked, sharers, reveals)
     # Assert
-    plain = sum(w * x.clamp(-4, 4) for w, x in zip(ws, xs))
-    assert total == pytest.approx(sum(ws), abs=n * 2.0**-frac_bits)
+    plain = sum(ws[i] * xs[i].clamp(-4, 4) for i in range(n))
+    assert total == pytest.approx(sum(ws.values()), abs=n * 2.0**-frac_bits)
     assert float((weighted_sum - plain).abs().max()) <= n * 2.0**-frac_bits
-    assert float((weighted_sum / total - plain / sum(ws)).abs().max()) < 1e-6
+    assert float((weighted_sum / total - plain / sum(ws.values())).abs().max()) < 1e-6
 
 
 def test_adapter_roundtrip_through_secagg_32bit(make_adapter):
     # Prepare: 32-bit words, small clip so that 3 silos fit the signed range.
     config = SecAggConfig(num_silos=3, clip=8.0, frac_bits=12, modulus_bits=32)
-    clients, server = _setup([3, 7, 9], config)
     adapters = {i: make_adapter(dtype=torch.float32) for i in (3, 7, 9)}
+    flat = {i: flatten(a) for i, a in adapters.items()}
     # Execute
-    masked = {}
-    for i, adapter in adapters.items():
-        vec, spec = flatten(adapter)
-        masked[i] = clients[i].mask(vec, 1.0)
-    weighted_sum, total = server.unmask(masked)
+    server, masked, sharers, reveals, _ = _run({i: v for i, (v, _) in flat.items()}, dict.fromkeys(adapters, 1.0),
+                                               config)
+    weighted_sum, total = server.unmask(masked, sharers, reveals)
+    spec = flat[3][1]
     mean = unflatten(weighted_sum / total, spec)
     # Assert
     assert all(m.dtype == np.uint32 for m in masked.values())
@@ -69,11 +75,10 @@ def test_single_masked_vector_is_uncorrelated_and_uniform():
     # Prepare
     d = 10_000
     config = SecAggConfig(num_silos=3, clip=10.0, frac_bits=16)
-    clients, _ = _setup([0, 1, 2], config)
     x = torch.linspace(-10, 10, d, dtype=torch.float64)
     # Execute
-    masked = clients[1].mask(x, 1.0)[:-1]
-    as_unit = masked.astype(np.float64) / 2.0**64
+    _, masked, *_ = _run({0: x, 1: x, 2: x}, {0: 1.0, 1: 1.0, 2: 1.0}, config)
+    as_unit = masked[1][:-1].astype(np.float64) / 2.0**64
     # Assert: no linear relation with the input, and flat histogram (chi^2 with 15 dof; p=0.999 ~ 37.7).
     corr = np.corrcoef(x.numpy(), as_unit)[0, 1]
     assert abs(corr) < 0.05
@@ -83,19 +88,15 @@ def test_single_masked_vector_is_uncorrelated_and_uniform():
     assert abs(as_unit.mean() - 0.5) < 0.01
 
 
-def test_masks_are_fresh_per_attempt_and_prg_is_deterministic():
+def test_masks_are_fresh_per_round_and_prg_is_deterministic():
     # Prepare
     config = SecAggConfig(num_silos=2, clip=1.0)
-    (sk0, pk0), (_sk1, pk1) = generate_keypair(), generate_keypair()
-    public = {0: pk0, 1: pk1}
-    zero = torch.zeros(64, dtype=torch.float64)
+    zero = {0: torch.zeros(64, dtype=torch.float64), 1: torch.zeros(64, dtype=torch.float64)}
     # Execute
-    first = SecAggClient(0, public, sk0, config, attempt=0).mask(zero, 0.0)
-    again = SecAggClient(0, public, sk0, config, attempt=0).mask(zero, 0.0)
-    rerun = SecAggClient(0, public, sk0, config, attempt=1).mask(zero, 0.0)
-    # Assert
-    assert np.array_equal(first, again)  # zero input: the vector is the mask itself
-    assert not np.array_equal(first, rerun)
+    first = _run(zero, {0: 0.0, 1: 0.0}, config, round_id=1)[1][0]
+    again = _run(zero, {0: 0.0, 1: 0.0}, config, round_id=1)[1][0]
+    # Assert: a zero input leaves only masks; fresh keys and seeds give fresh masks even in the same round.
+    assert not np.array_equal(first, again) and first.any()
     assert np.array_equal(prg(b"k" * 32, 8, np.uint64), prg(b"k" * 32, 8, np.uint64))
 
 
@@ -110,55 +111,69 @@ def test_overflow_check_raises_clear_error():
 
 def test_weight_above_bound_and_nan_rejected():
     # Prepare
-    config = SecAggConfig(num_silos=2, clip=1.0, max_weight=10.0)
-    clients, _ = _setup([0, 1], config)
+    client = SecAggClient(0, SecAggConfig(num_silos=2, clip=1.0, max_weight=10.0))
     # Execute / Assert
     with pytest.raises(ValueError, match="max_weight"):
-        clients[0].mask(torch.zeros(3), 11.0)
+        client.encode(torch.zeros(3), 11.0)
     with pytest.raises(ValueError, match="NaN"):
-        clients[0].mask(torch.tensor([0.0, float("nan")]), 1.0)
+        client.encode(torch.tensor([0.0, float("nan")]), 1.0)
 
 
-def test_dropout_aborts_and_rerun_without_dropped_silo_succeeds():
-    # Prepare
-    config = SecAggConfig(num_silos=4, clip=2.0, frac_bits=16)
-    clients, server = _setup([0, 1, 2, 3], config)
-    xs = {i: torch.full((50,), float(i) / 4, dtype=torch.float64) for i in range(4)}
-    masked = {i: clients[i].mask(xs[i], 1.0) for i in (0, 1, 3)}  # silo 2 vanished after masking
+@pytest.mark.parametrize("dropped", [(4,), (1, 3)])
+def test_silos_dropping_after_sharing_are_recovered_from_the_survivors_shares(dropped):
+    # Prepare: five silos share 3-out-of-5; silo 2 never shares (nothing to recover), ``dropped`` never mask.
+    config = SecAggConfig(num_silos=5, clip=2.0, frac_bits=16, max_weight=10.0)
+    xs = {i: torch.linspace(-1, 1, 40, dtype=torch.float64) * (i + 1) for i in range(5)}
+    ws = {i: float(i + 1) for i in range(5)}
     # Execute
-    with pytest.raises(SecAggDropoutError) as excinfo:
-        server.unmask(masked)
-    plan = plan_rerun([0, 1, 2, 3], received=masked, attempt=0)
-    clients2, server2 = _setup(list(plan.silos), config, attempt=plan.attempt)
-    weighted_sum, total = server2.unmask({i: clients2[i].mask(xs[i], 1.0) for i in plan.silos})
-    # Assert
-    assert excinfo.value.dropped == (2,) and excinfo.value.survivors == (0, 1, 3)
-    assert plan.silos == (0, 1, 3) and plan.dropped == (2,) and plan.attempt == 1
-    assert total == pytest.approx(3.0)
-    torch.testing.assert_close(
-        weighted_sum, torch.full((50,), 1.0, dtype=torch.float64), atol=3 * 2.0**-16, rtol=0
-    )
-    with pytest.raises(ValueError, match="at least 2"):
-        plan_rerun([0, 1], received=[0], attempt=0)
+    server, masked, sharers, reveals, _ = _run(xs, ws, config, threshold=2 if len(dropped) == 2 else 3,
+                                               drop_before_sharing=(2,), drop_after_sharing=dropped)
+    weighted_sum, total = server.unmask(masked, sharers, reveals)
+    # Assert: exactly the plain weighted sum of the survivors (their weights renormalise the mean).
+    alive = [i for i in range(5) if i != 2 and i not in dropped]
+    assert sorted(masked) == alive
+    assert total == pytest.approx(sum(ws[i] for i in alive), abs=1e-3)
+    expected = sum(ws[i] * xs[i].clamp(-2, 2) for i in alive)
+    torch.testing.assert_close(weighted_sum, expected, atol=len(alive) * 2.0**-16, rtol=0)
 
 
-def test_shamir_recovery_strips_dropped_silo_masks():
-    # Prepare: every silo shares its key 3-out-of-4 with its peers before masking.
-    silos = [0, 1, 2, 3, 4]
-    config = SecAggConfig(num_silos=5, clip=2.0, frac_bits=16, max_weight=2.0)
-    clients, server = _setup(silos, config)
-    shares = {i: clients[i].share_private_key(threshold=3) for i in silos}
-    xs = {i: torch.linspace(-1, 1, 40, dtype=torch.float64) * i for i in silos}
-    masked = {i: clients[i].mask(xs[i], 2.0) for i in silos if i != 4}  # silo 4 drops
-    # Execute: three survivors hand the server their share of silo 4's key.
-    recovered = {4: [shares[4][j] for j in (0, 2, 3)]}
-    weighted_sum, total = server.unmask(masked, recovered_shares=recovered)
-    # Assert
-    expected = 2.0 * sum(xs[i].clamp(-2, 2) for i in (0, 1, 2, 3))
-    assert total == pytest.approx(8.0)
-    torch.testing.assert_close(weighted_sum, expected, atol=4 * 2.0**-16, rtol=0)
-    with pytest.raises(ValueError, match="do not reconstruct|too few"):
-        server.unmask(masked, recovered_shares={4: [shares[4][0], shares[4][1]]})
+def test_too_few_survivors_inconsistent_lists_and_bad_shares_are_refused():
+    # Prepare: 4 silos, threshold 3; two drop after sharing.
+    config = SecAggConfig(num_silos=4, clip=1.0)
+    xs = {i: torch.full((8,), 0.1 * i, dtype=torch.float64) for i in range(4)}
+    clients = {i: SecAggClient(i, config) for i in xs}
+    keyset = {i: c.keys for i, c in clients.items()}
+    boxes = {i: c.share(keyset, 3) for i, c in clients.items()}
+    masked = {i: clients[i].mask(xs[i], 1.0, {u: b[i] for u, b in boxes.items() if u != i}) for i in (0, 1)}
+    server = SecAggServer(keyset, config, 3)
+    # Execute / Assert: the server refuses to decode, and the survivors refuse to reveal.
+    with pytest.raises(SecAggError, match="only 2 of 4 silos delivered masked vectors, fewer than the threshold 3"):
+        server.unmask(masked, [0, 1, 2, 3], {})
+    with pytest.raises(SecAggError, match="only 2 survivors, fewer than the threshold 3"):
+        clients[0].reveal([0, 1], [2, 3])
+    with pytest.raises(SecAggError, match="do not partition"):
+        clients[0].reveal([0, 1, 2], [2, 3])  # silo 2 both alive and dropped: both of its masks would leak
+    with pytest.raises(SecAggError, match="only 2 silos shared their keys, fewer than the threshold 3: refusing"):
+        clients[2].mask(xs[2], 1.0, {0: boxes[0][2]})
+    tampered = {u: b[3][:-1] + bytes([b[3][-1] ^ 1]) for u, b in boxes.items() if u != 3}
+    with pytest.raises(SecAggError, match="do not decrypt"):
+        clients[3].mask(xs[3], 1.0, tampered)
+
+
+def test_wrong_shares_do_not_rebuild_a_seed_or_key():
+    # Prepare: 3 silos, threshold 2, nobody drops; then one reveal is corrupted.
+    config = SecAggConfig(num_silos=3, clip=1.0)
+    xs = {i: torch.zeros(4, dtype=torch.float64) for i in range(3)}
+    server, masked, sharers, reveals, _ = _run(xs, {0: 1.0, 1: 1.0, 2: 1.0}, config, threshold=2)
+    corrupt = {0: Reveal(seeds={v: (x, y + 1) for v, (x, y) in reveals[0].seeds.items()}), 1: reveals[1]}
+    # Execute / Assert
+    with pytest.raises(SecAggError, match="do not rebuild it"):
+        server.unmask(masked, sharers, corrupt)
+    with pytest.raises(SecAggError, match="only 1 survivors revealed"):
+        server.unmask(masked, sharers, {0: reveals[0]})
+    assert Reveal.from_json(reveals[2].to_json()) == reveals[2]
+    with pytest.raises(SecAggError, match="a reveal must be"):
+        Reveal.from_json({"seeds": "nope"})
 
 
 def test_shamir_split_combine_threshold():

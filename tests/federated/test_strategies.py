@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from fineray.federated._lora import flatten, lora_pairs, normalise_weights, unflatten, weighted_mean
+from fineray.federated.config import federated_config
+from fineray.federated.state import FederationSnapshot, load_snapshot, save_snapshot
 from fineray.federated.strategies import (
     STRATEGIES,
+    AggregateResult,
+    AggregationStrategy,
+    fedavg,
     fedex_lora,
     fedopt,
     fedprox,
@@ -16,6 +21,8 @@ from fineray.federated.strategies import (
     flora,
     get_strategy,
 )
+from fineray.federated.strategies.registry import register
+from fineray.train.config import ConfigError
 
 PREFIXES = (  # the modules built by the ``make_adapter`` fixture (conftest.py)
     "base_model.model.model.layers.0.self_attn.q_proj",
@@ -252,13 +259,48 @@ def test_fedprox_proximal_term_value_and_gradient():
 
 
 def test_registry_lookup_and_flags():
-    # Execute / Assert
+    # Execute / Assert: every module of the package registered itself (aliases, flags, options included).
+    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "fedex_lora", "flora", "flexlora"}
+    assert all(isinstance(s, AggregationStrategy) and s.paper.startswith("arXiv") for s in STRATEGIES.values())
     assert get_strategy("FedEx-LoRA") is STRATEGIES["fedex_lora"]
     assert get_strategy("fedit").name == "fedavg"
     assert {n for n, s in STRATEGIES.items() if s.heterogeneous_rank} == {"flora", "flexlora"}
     assert not STRATEGIES["fedex_lora"].linear and STRATEGIES["ffa_lora"].linear
+    assert not STRATEGIES["ffa_lora"].trains_a and STRATEGIES["fedprox"].client_options == {"mu": 0.01}
+    assert STRATEGIES["fedadam"].options == {"eta", "beta1", "beta2", "tau"}
     with pytest.raises(KeyError, match="unknown federated strategy"):
         get_strategy("scaffold")
+    with pytest.raises(ValueError, match="already registered"):
+        register(AggregationStrategy("fedit", fedavg.aggregate, linear=True))
+
+
+def test_a_strategy_entry_alone_drives_config_validation_and_checkpoints(tmp_path, make_adapter):
+    # Prepare: a strategy added at runtime (as a new module would), with an option and a server state.
+    def aggregate(updates, weights, *, state=None, damping=1.0, **kw):
+        return AggregateResult(adapter=dict(updates[0]), state={"calls": (state or {}).get("calls", 0) + 1})
+
+    entry = register(AggregationStrategy(
+        "median_test", aggregate, linear=False, options=frozenset({"damping"}), aliases=("med",),
+        save_state=lambda st: ({"calls": torch.tensor([st["calls"]])}, {"kind": "counter"}),
+        load_state=lambda t, meta: {"calls": int(t["calls"].item()), "kind": meta["kind"]}))
+    silos = [{"name": "a", "data": "a.jsonl"}, {"name": "b", "data": "b.jsonl"}]
+    try:
+        # Execute
+        fcfg = federated_config({"silos": silos, "strategy": "med", "strategy_options": {"damping": 0.5}})
+        snap = FederationSnapshot(round=1, adapter=make_adapter(), adapter_config={"r": 4}, strategy_state={"calls": 3})
+        save_snapshot(tmp_path, snap, entry)
+        back = load_snapshot(tmp_path, entry)
+        # Assert
+        assert fcfg.strategy_obj is entry and fcfg.server_options() == {"damping": 0.5} and fcfg.proximal_mu == 0
+        assert back.strategy_state == {"calls": 3, "kind": "counter"} and back.round == 1
+        with pytest.raises(ConfigError, match=r"strategy_options: \['mu'\] not accepted by median_test"):
+            federated_config({"silos": silos, "strategy": "median_test", "strategy_options": {"mu": 0.1}})
+        with pytest.raises(ConfigError, match="secure_aggregation: strategy 'median_test' is not linear"):
+            federated_config({"silos": silos, "strategy": "median_test", "secure_aggregation": True})
+        with pytest.raises(TypeError, match="declares no save_state"):
+            save_snapshot(tmp_path, snap, STRATEGIES["fedavg"])
+    finally:
+        STRATEGIES.pop("median_test")
 
 
 def test_rank_mismatch_rejected_by_same_rank_strategies(make_adapter):

@@ -1,8 +1,9 @@
-"""Server-side aggregation strategies for federated LoRA, and their registry.
+"""Server-side aggregation strategies for federated LoRA, discovered from this package's modules.
 
 Every strategy is a pure function ``aggregate(updates, weights, **kw) -> AggregateResult`` where
 ``updates`` are the silos' adapter state dicts after local training and ``weights`` their example
-counts. Products are raw ``B @ A`` (LoRA scaling ``alpha / r`` is the caller's).
+counts (Flower's ``strategy/`` + ``aggregate.py`` split, one file per algorithm). Products are raw
+``B @ A`` (LoRA scaling ``alpha / r`` is the caller's).
 
 =============  ======  ==========  ==================================================
 name           linear  het. ranks  idea
@@ -19,65 +20,33 @@ flexlora       no      yes         SVD of the exact sum, truncate per silo rank
 
 ``linear`` strategies may run under secure aggregation: feed them the single unmasked weighted
 mean, ``aggregate([mean], [1.0], **kw)``.
+
+Adding a strategy is one file here: its ``aggregate`` and a :func:`~.registry.register` call (see
+:class:`~.registry.AggregationStrategy` for what the entry declares). Every module of the package is imported
+on first use (except ``_``-prefixed ones); those that register are the strategies, the others helpers.
 """
 
 from __future__ import annotations
 
-from fineray.federated.strategies import (
-    fedadam,
-    fedavg,
-    fedex_lora,
-    fedprox,
-    fedyogi,
-    ffa_lora,
-    flexlora,
-    flora,
-)
-from fineray.federated.strategies.base import AggregateFn, AggregateResult, BaseDelta, Strategy
+import importlib
+import pkgutil
+
+from fineray.federated.strategies.base import AggregateFn, AggregateResult, BaseDelta
+from fineray.federated.strategies.registry import REGISTRY, AggregationStrategy, get_strategy
 
 __all__ = [
     "STRATEGIES",
     "AggregateFn",
     "AggregateResult",
+    "AggregationStrategy",
     "BaseDelta",
-    "Strategy",
     "get_strategy",
 ]
 
-STRATEGIES: dict[str, Strategy] = {
-    s.name: s
-    for s in (
-        Strategy("fedavg", fedavg.aggregate, linear=True, paper="arXiv 1602.05629; FedIT arXiv 2305.05644"),
-        Strategy("fedprox", fedprox.aggregate, linear=True, paper="arXiv 1812.06127"),
-        Strategy("fedadam", fedadam.aggregate, linear=True, paper="arXiv 2003.00295"),
-        Strategy("fedyogi", fedyogi.aggregate, linear=True, paper="arXiv 2003.00295"),
-        Strategy("ffa_lora", ffa_lora.aggregate, linear=True, paper="arXiv 2403.12313"),
-        Strategy("fedex_lora", fedex_lora.aggregate, linear=False, paper="arXiv 2410.09432"),
-        Strategy(
-            "flora",
-            flora.aggregate,
-            linear=False,
-            heterogeneous_rank=True,
-            reinit_each_round=True,
-            paper="arXiv 2409.05976",
-        ),
-        Strategy(
-            "flexlora", flexlora.aggregate, linear=False, heterogeneous_rank=True, paper="arXiv 2402.11505"
-        ),
-    )
-}
+for _mod in pkgutil.iter_modules(__path__):
+    if not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")
 
-_ALIASES = {"fedit": "fedavg", "ffa": "ffa_lora", "fedex": "fedex_lora"}
+#: ``{name: AggregationStrategy}`` of every strategy module in this package.
+STRATEGIES = REGISTRY
 
-
-def get_strategy(name: str) -> Strategy:
-    """Looks up a strategy by name (case-insensitive; ``-`` and ``_`` are interchangeable).
-
-    Raises:
-        KeyError: For an unknown name, listing the known ones.
-    """
-    key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in STRATEGIES:
-        raise KeyError(f"unknown federated strategy {name!r}; known: {sorted(STRATEGIES)}")
-    return STRATEGIES[key]

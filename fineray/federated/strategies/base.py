@@ -1,8 +1,8 @@
-"""Result type, strategy descriptor and shared helpers of the aggregation strategies."""
+"""Result type and shared helpers of the aggregation strategies (their registry: :mod:`.registry`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,7 +20,6 @@ __all__ = [
     "AggregateFn",
     "AggregateResult",
     "BaseDelta",
-    "Strategy",
     "average_extras",
     "prepare",
 ]
@@ -57,29 +56,6 @@ class AggregateFn(Protocol):
     def __call__(
         self, updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any
     ) -> AggregateResult: ...
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """Registry entry of an aggregation algorithm.
-
-    Attributes:
-        name: Registry name.
-        aggregate: The pure aggregation function.
-        linear: The result depends on the updates only through their weighted mean, i.e.
-            ``aggregate(us, ws) == aggregate([mean(us, ws)], [1])``; such strategies may run under
-            secure aggregation (the server only ever sees the masked sum).
-        heterogeneous_rank: Silos may train adapters of different ranks.
-        reinit_each_round: Silos restart from a fresh adapter every round.
-        paper: Citation (arXiv id).
-    """
-
-    name: str
-    aggregate: Callable[..., AggregateResult]
-    linear: bool
-    heterogeneous_rank: bool = False
-    reinit_each_round: bool = False
-    paper: str = ""
 
 
 def prepare(

@@ -17,8 +17,9 @@ import torch
 
 from fineray.federated._lora import weighted_mean
 from fineray.federated.strategies.base import AggregateResult, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
-__all__ = ["aggregate"]
+__all__ = ["STRATEGY", "aggregate"]
 
 
 def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any) -> AggregateResult:
@@ -36,3 +37,7 @@ def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw
     probs, _ = prepare(updates, weights, same_rank=True)
     adapter = {key: weighted_mean([u[key] for u in updates], probs) for key in updates[0]}
     return AggregateResult(adapter=adapter)
+
+
+STRATEGY = register(AggregationStrategy("fedavg", aggregate, linear=True, aliases=("fedit",),
+                                        paper="arXiv 1602.05629; FedIT arXiv 2305.05644"))

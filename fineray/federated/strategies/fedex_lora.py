@@ -24,8 +24,9 @@ import torch
 
 from fineray.federated._lora import acc_dtype, lora_pairs, weighted_mean
 from fineray.federated.strategies.base import AggregateResult, BaseDelta, average_extras, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
-__all__ = ["aggregate"]
+__all__ = ["STRATEGY", "aggregate"]
 
 
 def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any) -> AggregateResult:
@@ -54,3 +55,7 @@ def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw
         a_res = torch.cat([*(u[a_key] for u in updates), a_bar], dim=0)
         base_delta[prefix] = (b_res, a_res)
     return AggregateResult(adapter={k: adapter[k] for k in updates[0]}, base_delta=base_delta)
+
+
+STRATEGY = register(AggregationStrategy("fedex_lora", aggregate, linear=False, aliases=("fedex",),
+                                        paper="arXiv 2410.09432"))

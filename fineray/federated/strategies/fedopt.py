@@ -27,7 +27,10 @@ import torch
 from fineray.federated._lora import acc_dtype, weighted_mean
 from fineray.federated.strategies.base import AggregateResult, prepare
 
-__all__ = ["FedOptState", "aggregate"]
+__all__ = ["OPTIONS", "FedOptState", "aggregate", "load_state", "save_state"]
+
+#: The hyper-parameters a user may set in ``federated.strategy_options`` (FedAdam and FedYogi).
+OPTIONS = frozenset({"eta", "beta1", "beta2", "tau"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,18 @@ class FedOptState:
     m: dict[str, torch.Tensor]
     v: dict[str, torch.Tensor]
     step: int = 0
+
+
+def save_state(state: FedOptState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The moments as ``m.<key>`` / ``v.<key>`` tensors and the step count as metadata (for checkpoints)."""
+    tensors = {f"m.{k}": v for k, v in state.m.items()} | {f"v.{k}": v for k, v in state.v.items()}
+    return tensors, {"step": state.step}
+
+
+def load_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> FedOptState:
+    """Inverse of :func:`save_state`."""
+    return FedOptState(m={k[2:]: v for k, v in tensors.items() if k.startswith("m.")},
+                       v={k[2:]: v for k, v in tensors.items() if k.startswith("v.")}, step=int(meta.get("step", 0)))
 
 
 def aggregate(

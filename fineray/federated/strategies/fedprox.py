@@ -15,8 +15,9 @@ import torch
 
 from fineray.federated.strategies import fedavg
 from fineray.federated.strategies.base import AggregateResult
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
-__all__ = ["aggregate", "proximal_term"]
+__all__ = ["STRATEGY", "aggregate", "proximal_term"]
 
 
 def aggregate(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any) -> AggregateResult:
@@ -56,3 +57,8 @@ def proximal_term(
         total = sq if total is None else total + sq.to(total.device)
     assert total is not None
     return 0.5 * mu * total
+
+
+#: ``mu`` (default 0.01) travels to the silos, which add the proximal gradient ``mu (w - w_global)``.
+STRATEGY = register(AggregationStrategy("fedprox", aggregate, linear=True, client_options={"mu": 0.01},
+                                        paper="arXiv 1812.06127"))

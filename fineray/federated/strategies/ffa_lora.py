@@ -17,8 +17,9 @@ import torch
 
 from fineray.federated._lora import lora_pairs, seeded_lora_a, weighted_mean
 from fineray.federated.strategies.base import AggregateResult, average_extras, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
-__all__ = ["aggregate", "init_frozen_a"]
+__all__ = ["STRATEGY", "aggregate", "init_frozen_a"]
 
 
 def init_frozen_a(
@@ -74,3 +75,7 @@ def aggregate(
         adapter[a_key] = a0
         adapter[b_key] = weighted_mean([u[b_key] for u in updates], probs)
     return AggregateResult(adapter={k: adapter[k] for k in updates[0]})
+
+
+STRATEGY = register(AggregationStrategy("ffa_lora", aggregate, linear=True, trains_a=False, aliases=("ffa",),
+                                        paper="arXiv 2403.12313"))

@@ -31,8 +31,9 @@ import torch
 
 from fineray.federated._lora import lora_pairs
 from fineray.federated.strategies.base import AggregateResult, BaseDelta, average_extras, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
-__all__ = ["aggregate", "factored_svd", "truncate_for_rank"]
+__all__ = ["STRATEGY", "aggregate", "factored_svd", "truncate_for_rank"]
 
 
 def factored_svd(
@@ -130,3 +131,7 @@ def truncate_for_rank(global_adapter: Mapping[str, torch.Tensor], r: int) -> dic
         out[a_key] = global_adapter[a_key][:r].clone()
         out[b_key] = global_adapter[b_key][:, :r].clone()
     return out
+
+
+STRATEGY = register(AggregationStrategy("flexlora", aggregate, linear=False, heterogeneous_rank=True,
+                                        options=frozenset({"rank", "keep_residual"}), paper="arXiv 2402.11505"))

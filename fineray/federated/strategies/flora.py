@@ -25,8 +25,9 @@ import torch
 
 from fineray.federated._lora import acc_dtype, fresh_adapter, lora_pairs
 from fineray.federated.strategies.base import AggregateResult, BaseDelta, average_extras, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
-__all__ = ["aggregate"]
+__all__ = ["STRATEGY", "aggregate"]
 
 
 def aggregate(
@@ -66,3 +67,8 @@ def aggregate(
     adapter = fresh_adapter(template, seed=seed, rank=rank)
     adapter.update(average_extras(updates, probs))
     return AggregateResult(adapter=adapter, base_delta=base_delta, reinit_adapter=True)
+
+
+STRATEGY = register(AggregationStrategy("flora", aggregate, linear=False, heterogeneous_rank=True,
+                                        reinit_each_round=True, options=frozenset({"rank"}),
+                                        paper="arXiv 2409.05976"))
