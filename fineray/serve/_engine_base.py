@@ -95,6 +95,10 @@ class EngineBase:
         """Queue validated requests (called with `self._cv` held)."""
         raise NotImplementedError
 
+    def _check(self, req: GenRequest) -> EngineError | None:
+        """An error when this engine cannot run `req` as asked (default: it can)."""
+        return None
+
     def _collect(self) -> None:
         """Called (with `self._cv` held) when an evicted adapter may have lost its last reference."""
         self._cv.notify_all()
@@ -166,6 +170,8 @@ class EngineBase:
                         err = EngineError(f"adapter {r.adapter!r} is not loaded")
                     if err is None and not r.prompt_ids:
                         err = EngineError("empty prompt")
+                    if err is None:
+                        err = self._check(r)
                 errors.append(err)
                 if err is not None:
                     continue

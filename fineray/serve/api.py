@@ -228,6 +228,10 @@ class ApiService:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             max_tokens = self._limits(call, [ids], req.max_tokens, req.n, None, "messages")
             payload = self._payload(req, [ids], max_tokens)
+            if "response_format" in payload["sampling"] and self.cfg.engine != "vllm":
+                raise APIError(400, "Invalid 'response_format': structured output (json_object / json_schema) needs "
+                                    "the vLLM engine on this server (serve.engine: vllm).", param="response_format",
+                               code="unsupported_parameter")
             if req.stream:
                 return await self._stream(call, req, payload, chat=True)
             out = await self._generate(call, payload)

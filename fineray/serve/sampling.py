@@ -34,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks; vLLM's `ignore_eos`)
+    response_format: dict[str, Any] | None = None  # OpenAI's json_schema / json_object (the vLLM engine only)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:

@@ -20,7 +20,10 @@ CHATML = (
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_SHAPES = {"llama": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                         "num_attention_heads": 4, "num_key_value_heads": 2}}
+                         "num_attention_heads": 4, "num_key_value_heads": 2},
+               # head size 32: vLLM's CPU attention takes head sizes 32, 64, 80, ... (not tiny:llama's 16)
+               "llama-hd32": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "num_key_value_heads": 1}}
 
 
 def _corpus() -> list[str]:

@@ -12,14 +12,14 @@ import torch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapter(out_dir: Path, seed: int, r: int = 4, scale: float = 0.3) -> Path:
-    """A PEFT LoRA adapter for tiny:llama with random A and random non-zero B (so it changes the outputs)."""
+def make_adapter(out_dir: Path, seed: int, r: int = 4, scale: float = 0.3, base_model: str = "tiny:llama") -> Path:
+    """A PEFT LoRA adapter for a tiny model with random A and random non-zero B (so it changes the outputs)."""
     from peft import LoraConfig, get_peft_model
 
     from fineray.train.config import ModelConfig
     from fineray.train.model import load_base_model
 
-    base = load_base_model(ModelConfig(base="tiny:llama"))
+    base = load_base_model(ModelConfig(base=base_model))
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM"))
     with torch.no_grad():
