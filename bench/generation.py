@@ -40,17 +40,17 @@ QUESTIONS = ["My order #{i} never arrived, can I get a refund? I have been waiti
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                "original_max_position_embeddings": 8192}
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-                     tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-                     tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_theta=100000.0),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048),
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072,
+                     "tie_word_embeddings": True, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE},
+    "llama-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+                     "tie_word_embeddings": False, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE},
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                         "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192,
+                         "tie_word_embeddings": True, "rope_theta": 100000.0},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 2048},
 }
 
 
@@ -116,7 +116,7 @@ def peft_anchor(model: Any, adapter: Path, prompts: list[list[int]], max_tokens:
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(model.device), mask.to(model.device)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     with torch.inference_mode():
         pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
         times = []
@@ -162,7 +162,7 @@ def load_case(eng: Any, prompts: list[list[int]], names: list[str], clients: int
             first: list[float] = []
             final: list[Any] = []
 
-            def emit(ev: Any) -> None:
+            def emit(ev: Any, first: list = first, final: list = final, done: threading.Event = done) -> None:
                 if not first:
                     first.append(time.perf_counter())
                 if ev.finish_reason or ev.error:
@@ -290,7 +290,7 @@ def main() -> None:
         print(f"{r['mode']:<16}{r['adapters']:>4}{r['tokens_per_s']:>10}{r['tokens_per_s'] / anchor:>8.2f}"
               f"{r.get('p50_s', '-'):>8}{r.get('ttft_p50_ms', '-'):>9}{r.get('tpot_p50_ms', '-'):>9}"
               f"{r.get('rows_per_step', '-'):>6}{r.get('decode_wall_ms', r.get('step_ms', '-')):>9}"
-              f"{r.get('loop_ms_per_step', '-'):>9}{str(r.get('decode_gpu_ms', '-')):>8}")
+              f"{r.get('loop_ms_per_step', '-'):>9}{r.get('decode_gpu_ms', '-')!s:>8}")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                        indent=2))

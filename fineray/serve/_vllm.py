@@ -79,11 +79,12 @@ class VllmEngine(EngineBase):
             if threads:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
                 os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        kwargs: dict[str, Any] = dict(
-            model=path, tokenizer=path, dtype=str(pick_dtype(dtype, gpu)).removeprefix("torch."),
-            max_num_seqs=max_batch_size, enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank,
-            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=enable_prefix_caching, disable_log_stats=True)
+        kwargs: dict[str, Any] = {
+            "model": path, "tokenizer": path, "dtype": str(pick_dtype(dtype, gpu)).removeprefix("torch."),
+            "max_num_seqs": max_batch_size, "enable_lora": True, "max_loras": max_loras,
+            "max_lora_rank": max_lora_rank, "max_model_len": max_model_len,
+            "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": enable_prefix_caching,
+            "disable_log_stats": True}
         if gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         # compact structured output: a JSON grammar that allows any whitespace lets a small or weak model emit
@@ -170,7 +171,7 @@ class VllmEngine(EngineBase):
             final = final or GenEvent(tokens=len(ids), finish_reason="cancelled", token_ids=ids)
         except asyncio.CancelledError:
             final = GenEvent(tokens=len(ids), finish_reason="cancelled", token_ids=ids)
-        except Exception as e:  # noqa: BLE001 - the request's caller gets the error
+        except Exception as e:
             log.exception("vLLM generation failed")
             final = GenEvent(error=f"{type(e).__name__}: {e}")
         finally:
@@ -194,7 +195,7 @@ class VllmEngine(EngineBase):
             fut.cancel()
         try:
             self.llm.shutdown()
-        except Exception:  # noqa: BLE001 - best effort at shutdown
+        except Exception:
             log.debug("vLLM shutdown failed", exc_info=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
