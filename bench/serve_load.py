@@ -117,20 +117,24 @@ def run_http(args: argparse.Namespace, base: str, registry: Path, names: list[st
     from fineray.serve import load_serve_config, run_server
 
     results = []
-    for mode, batch in (("batched", args.max_batch_size), ("one-at-a-time", 1)):
-        cfg = load_serve_config(None, {"base": base, "registry": str(registry), "port": args.port,
+    modes = (("batched", args.max_batch_size),) if args.batched_only else (("batched", args.max_batch_size),
+                                                                           ("one-at-a-time", 1))
+    for mode, batch in modes:
+        t0 = time.perf_counter()
+        cfg = load_serve_config(None, {"base": base, "registry": str(registry), "port": args.port, "engine": args.engine,
                                        "max_adapters_per_replica": max(args.adapters),
                                        "batching": {"max_batch_size": batch, "max_ongoing_requests": 256},
                                        "limits": {"max_tokens": args.max_tokens}, "ray": {"num_cpus": 2},
                                        "num_cpus_per_replica": args.threads})
         with run_server(cfg, blocking=False) as srv:
+            print(f"[{args.engine}] server up in {time.perf_counter() - t0:.1f} s", flush=True)
             for k in args.adapters:
                 ks = names[:k]
                 asyncio.run(http_load(srv.url, ks, min(args.clients, len(ks) * 2), len(ks) * 2, 4))  # load all
                 t0 = time.perf_counter()
                 lat, tok = asyncio.run(http_load(srv.url, ks, args.clients, args.requests, args.max_tokens,
                                                  args.max_seconds))
-                results.append(summarize(mode, k, lat, tok, time.perf_counter() - t0))
+                results.append(summarize(f"{args.engine}-{mode}", k, lat, tok, time.perf_counter() - t0))
                 print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -204,6 +208,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     ap.add_argument("--max-seconds", type=float, default=1e9, help="stop starting requests after this (per case)")
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--engine", choices=["builtin", "vllm"], default="builtin",
+                    help="serve.engine (vllm: run this script with .venv-vllm/bin/python)")
+    ap.add_argument("--batched-only", action="store_true", help="skip the one-request-at-a-time server")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.adapters = [int(x) for x in args.adapters.split(",")]
