@@ -47,6 +47,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers: strong_baseline, step_profile
+
+from step_profile import StepProfiler
 
 PEAK_TFLOPS = 790.0
 SHAPES = {
@@ -204,83 +207,167 @@ def _result(side: str, name: str, case: Case, docs: list[list[int]], order: list
     return out
 
 
-# ------------------------------------------------------------------------------------------------- baseline
-def run_baseline(name: str, case: Case, device: str) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------- naive and strong (HF)
+@dataclass
+class RunOpts:
+    """Per-run options of a side (the worker of bench/alternate.py passes them per command)."""
+
+    overrides: tuple[str, ...] = ()  # fineray config keys
+    strong_attn: str = "auto"  # flex_attention | sdpa (both separate documents) | auto: flex on CUDA, sdpa on CPU
+    strong_impl: str = "auto"  # trl | hf | auto (trl when it imports)
+    liger: bool | None = None  # None: on with CUDA (Liger is Triton-only)
+    profile_steps: int = 0  # > 0: a profiled pass of warmup + this many steps (not a timed run)
+
+
+_HF: dict[str, tuple[str, torch.nn.Module, dict[str, torch.Tensor]]] = {}  # side -> (shape, PEFT model, LoRA init)
+
+
+def drop_models() -> None:
+    """Free every cached model of this process (before another shape is built, or on request)."""
+    _HF.clear()
+    _MODELS.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _peft_model(side: str, shape: str, device: str) -> torch.nn.Module:
+    """The side's LoRA model for `shape`, built once per process and reset to its initial LoRA weights."""
     from peft import LoraConfig, get_peft_model
+
+    if side not in _HF or _HF[side][0] != shape:
+        drop_models()
+        model = get_peft_model(build_model(shape, device), LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+        _HF[side] = (shape, model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    _, model, init = _HF[side]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in init:
+                p.copy_(init[n])
+    model.get_base_model().__dict__.pop("forward", None)  # TRL patches forward per trainer: no chains of them
+    return model
+
+
+def _hf_run(side: str, name: str, case: Case, device: str, opts: RunOpts) -> dict[str, Any]:
+    """One run of an HF `Trainer`-based side (naive `baseline` or `strong`) on the bench's documents."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     if case.method != "lora":
-        raise ValueError("the baseline runs LoRA only")
-    cfgv = SHAPES[case.shape]["vocab_size"]
-    n_steps = case.warmup + case.steps
-    docs = make_docs(case, n_steps * case.batch, cfgv)
+        raise ValueError(f"the {side} side runs LoRA only")
+    vocab = SHAPES[case.shape]["vocab_size"]
+    n_full = case.warmup + case.steps
+    n_steps = case.warmup + (opts.profile_steps or case.steps)
+    docs = make_docs(case, n_full * case.batch, vocab)
     order = batch_order(len(docs), case.batch, 42)[:n_steps]
-    seq = [i for b in order for i in b]
+    seq = [docs[i] for b in order for i in b]
+    model = _peft_model(side, case.shape, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(case.shape, device)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(seq)
-
-        def __getitem__(self, k: int) -> dict[str, list[int]]:
-            return {"input_ids": docs[seq[k]]}
-
-    def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.zeros(len(rows), n, dtype=torch.long)
-        mask = torch.zeros(len(rows), n, dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[j, :len(r["input_ids"])] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
     ends: list[float] = []
     losses: list[float] = []
+    prof = StepProfiler(case.warmup, opts.profile_steps, device) if opts.profile_steps else None
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
+            if prof:
+                prof.on_step(len(ends))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    class SeqTrainer(Trainer):
-        def _get_train_sampler(self, *a: Any, **k: Any) -> Any:
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
+    extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=case.batch, max_steps=n_steps, learning_rate=2e-4,
-            lr_scheduler_type="constant", warmup_steps=0,
-            optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", bf16=device == "cuda",
-            logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
-            gradient_checkpointing=False, remove_unused_columns=False, seed=0,
-            disable_tqdm=True, use_cpu=device == "cpu")
-        trainer = SeqTrainer(model=model, args=args, train_dataset=DS(), data_collator=collate,
-                             callbacks=[Clock()])
+        if side == "strong":
+            from strong_baseline import (
+                apply_liger_now,
+                check_document_separation,
+                make_collator,
+                make_trainer,
+                strong_attention,
+                strong_impl,
+            )
+
+            impl = strong_impl(opts.strong_impl)
+            liger = device == "cuda" if opts.liger is None else opts.liger
+            attn = opts.strong_attn if opts.strong_attn != "auto" else strong_attention(device)
+            model.get_base_model().config._attn_implementation = attn
+            trainer = make_trainer(model, seq, case.batch, n_steps, device, tmp, [Clock()], impl, liger)
+            apply_liger_now(trainer)  # what train() applies first; the check below must see the same model
+            key = (case.shape, attn, impl, liger)
+            if key not in _SEPARATION:
+                _SEPARATION[key] = check_document_separation(trainer.model, make_collator(impl), device, vocab)
+            sep = _SEPARATION[key]
+            if not sep["separates"]:
+                raise RuntimeError(f"strong baseline attends across documents ({attn}, {impl}): {sep}")
+            extra = {"impl": impl, "attn": attn, "liger": liger, "doc_separation": sep}  # no padding at all
+        else:
+            class SeqTrainer(Trainer):
+                def _get_train_sampler(self, *a: Any, **k: Any) -> Any:
+                    return torch.utils.data.SequentialSampler(self.train_dataset)
+
+            class DS(torch.utils.data.Dataset):
+                def __len__(self) -> int:
+                    return len(seq)
+
+                def __getitem__(self, k: int) -> dict[str, list[int]]:
+                    return {"input_ids": seq[k]}
+
+            def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+                n = max(len(r["input_ids"]) for r in rows)
+                ids = torch.zeros(len(rows), n, dtype=torch.long)
+                mask = torch.zeros(len(rows), n, dtype=torch.long)
+                for j, r in enumerate(rows):
+                    ids[j, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+                    mask[j, :len(r["input_ids"])] = 1
+                labels = ids.masked_fill(mask == 0, -100)
+                return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+            args = TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=case.batch, max_steps=n_steps, learning_rate=2e-4,
+                lr_scheduler_type="constant", warmup_steps=0,
+                optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", bf16=device == "cuda",
+                logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
+                gradient_checkpointing=False, remove_unused_columns=False, seed=0,
+                disable_tqdm=True, use_cpu=device == "cpu")
+            trainer = SeqTrainer(model=model, args=args, train_dataset=DS(), data_collator=collate,
+                                 callbacks=[Clock()])
+            extra = {"padded_tokens_per_step":
+                     sum(case.batch * max(len(docs[i]) for i in b) for b in order) / n_steps}
         trainer.train()
-    pad = {"padded_tokens_per_step": sum(case.batch * max(len(docs[i]) for i in b) for b in order) / n_steps}
-    out = _result("baseline", name, case, docs, order, ends, losses, pad)
-    del trainer, model
+    out = _result(side, name, case, docs, order, ends, losses, extra)
+    if prof:
+        out.update(profiled=True, profile=prof.result)
+    del trainer
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
+_SEPARATION: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def run_baseline(name: str, case: Case, device: str, opts: RunOpts | None = None) -> dict[str, Any]:
+    """HF Trainer + PEFT, dynamic padding, SDPA (the naive baseline)."""
+    return _hf_run("baseline", name, case, device, opts or RunOpts())
+
+
+def run_strong(name: str, case: Case, device: str, opts: RunOpts | None = None) -> dict[str, Any]:
+    """TRL SFTTrainer + PEFT, padding-free, Liger, document-separating attention (bench/strong_baseline.py)."""
+    return _hf_run("strong", name, case, device, opts or RunOpts())
+
+
 # -------------------------------------------------------------------------------------------------- fineray
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
-def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None = None) -> dict[str, Any]:
+def run_fineray(name: str, case: Case, device: str, opts: RunOpts | None = None) -> dict[str, Any]:
+    """fineray's training loop in-process with its GPU defaults (packing, varlen attention, compile, ...)."""
     from fineray.train import loop
     from fineray.train.config import load_config
     from fineray.train.model import apply_peft
@@ -288,10 +375,12 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
     from fineray.train.session import LocalSession
     from fineray.train.templates import Tokenized
 
+    opts = opts or RunOpts()
     vocab = SHAPES[case.shape]["vocab_size"]
-    n_steps = case.warmup + case.steps
-    docs = make_docs(case, n_steps * case.batch, vocab)
-    order = batch_order(len(docs), case.batch, 42)[:n_steps]
+    n_full = case.warmup + case.steps
+    n_steps = case.warmup + (opts.profile_steps or case.steps)
+    docs = make_docs(case, n_full * case.batch, vocab)
+    order = batch_order(len(docs), case.batch, 42)[:n_steps]  # the loop draws these (same sampler, seed 42)
     gpu = device == "cuda"
     cfg = load_config(None, [
         "model.base=tiny:llama", f"method={case.method}", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
@@ -299,13 +388,10 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
         "train.scheduler=constant", "train.warmup_ratio=0", "train.eval_every=1000000", "train.log_every=1",
         "train.grad_clip=null", "data.validation=null", f"scaling.use_gpu={str(gpu).lower()}",
         "data.max_seq_len=2048", f"train.fast.compile={'auto' if case.compile else 'false'}",
-        f"train.optimizer={case.optimizer}", *case.overrides, *(overrides or [])])
+        f"train.optimizer={case.optimizer}", *case.overrides, *opts.overrides])
     key = (case.shape, case.method)
     if key not in _MODELS:
-        _MODELS.clear()
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
+        drop_models()
         base = build_model(case.shape, device, case.method)
         _MODELS[key] = apply_peft(base, case.method, cfg.lora)
         _MODELS[key]._fineray_init = {n: p.detach().clone() for n, p in _MODELS[key].named_parameters()
@@ -328,11 +414,14 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
     loop.build_data = lambda cfg, tok, stats=None: (data, [])
     ends: list[float] = []
     losses: list[float] = []
+    prof = StepProfiler(case.warmup, opts.profile_steps, device) if opts.profile_steps else None
 
     class Clocked(LocalSession):
         def progress(self, row: dict[str, Any]) -> None:
             ends.append(time.perf_counter())  # after float(loss) and float(grad_norm): the GPU is in sync
             losses.append(float(row["train_loss"]))
+            if prof:
+                prof.on_step(len(ends))
 
         def report(self, metrics: dict[str, Any], write_checkpoint: Any = None) -> None:
             self.reports.append(dict(metrics))  # no checkpoint files in a benchmark
@@ -354,40 +443,115 @@ def run_fineray(name: str, case: Case, device: str, overrides: list[str] | None 
                    "estimate_parts_gib": {k: round(v / 2**30, 2) for k, v in est.parts.items()}})
     if "peak_alloc_gib" in out:
         out["measured_over_estimate"] = out["peak_alloc_gib"] / est.total_gib
+    out["compile"] = _compile_counters()
+    if prof:
+        out.update(profiled=True, profile=prof.result)
     return out
 
 
+def _compile_counters() -> dict[str, int]:
+    """Dynamo's process-wide counters so far (frames compiled, recompiles, graph breaks): per-run deltas
+    come from consecutive runs of one worker."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    st = counters.get("stats", {})
+    return {"frames_ok": int(st.get("unique_graphs", 0)), "calls_captured": int(st.get("calls_captured", 0)),
+            "recompiles": int(sum(counters.get("recompiles", {}).values())),
+            "graph_breaks": int(sum(counters.get("graph_break", {}).values()))}
+
+
 # ----------------------------------------------------------------------------------------------------- table
+RUNNERS = {"baseline": run_baseline, "strong": run_strong, "fineray": run_fineray}
+SIDE_LABEL = {"baseline": "naive", "strong": "strong", "fineray": "fineray"}
+
+
+def run_one(side: str, name: str, device: str, opts: RunOpts, tag: str = "") -> dict[str, Any]:
+    """One run of one side on one case; failures (OOM, a refused strong baseline, ...) become error rows."""
+    case = CASES[name]
+    t0 = time.perf_counter()
+    try:
+        r = RUNNERS[side](name, case, device, opts)
+    except Exception as e:  # noqa: BLE001 - record OOMs and failures as rows, keep going
+        r = {"side": side, "case": name, "error": f"{type(e).__name__}: {str(e)[:600]}", **_mem()}
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    r["wall_s"] = time.perf_counter() - t0
+    if tag:
+        r["case"] = f"{name}+{tag}"
+    r["env_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    return r
+
+
+def serve_worker(side: str, device: str) -> None:
+    """Worker mode (bench/alternate.py): keep one side's model (and compiled code) across runs.
+
+    Reads one JSON command per stdin line: {"cmd": "run", "case": NAME, "opts": {...}, "tag": ""},
+    {"cmd": "release"} (free the models) or {"cmd": "quit"}; answers each with one stdout line
+    `@@W {json}` (a result row, or {"ok": true}). Everything else on stdout/stderr is log.
+    """
+    print("@@W " + json.dumps({"ready": side, "pid": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            break
+        if cmd["cmd"] == "release":
+            drop_models()
+            reply: dict[str, Any] = {"ok": True, **_mem()}
+        else:
+            reply = run_one(side, cmd["case"], device, RunOpts(**cmd.get("opts", {})), cmd.get("tag", ""))
+        print("@@W " + json.dumps(reply, default=float), flush=True)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
+    """One row per case and side; ratios of useful tok/s and of peak memory against naive and strong."""
     by: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in [r for r in rows if "error" not in r]:
+    for r in [r for r in rows if "error" not in r and not r.get("profiled")]:
         name, _, tag = r["case"].partition("+")
         key = name.replace("-nocompile", "")
-        side = r["side"] + ("-nocompile" if "nocompile" in name else "") + (f"+{tag}" if tag else "")
+        side = SIDE_LABEL.get(r["side"], r["side"]) + ("-nocompile" if "nocompile" in name else "") + \
+            (f"+{tag}" if tag else "")
         by.setdefault(key, {})[side] = r
-    lines = ["| case | side | tok/s (useful) | MFU | peak alloc GiB | tokens/step | ratio tok/s | ratio mem |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = ("| case | side | tok/s (useful) | MFU | peak alloc GiB | tokens/step | x naive | x strong | "
+            "mem / naive | mem / strong |")
+    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ratio(r: dict[str, Any], ref: dict[str, Any] | None, key: str) -> str:
+        if not ref or r is ref or not ref.get(key) or key not in r:
+            return ""
+        return f"{r[key] / ref[key]:.2f}x"
+
     for key, sides in by.items():
-        base = sides.get("baseline")
+        naive, strong = sides.get("naive"), sides.get("strong")
         for side, r in sides.items():
-            ratio = r["tokens_per_s"] / base["tokens_per_s"] if base and side != "baseline" else None
-            mem = (r.get("peak_alloc_gib", 0) / base["peak_alloc_gib"]
-                   if base and side != "baseline" and base.get("peak_alloc_gib") else None)
             lines.append(f"| {key} | {side} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                          f"{r.get('peak_alloc_gib', float('nan')):.1f} | {r['tokens_per_step_mean']:,.0f} | "
-                         f"{'' if ratio is None else f'{ratio:.2f}x'} | {'' if mem is None else f'{mem:.2f}x'} |")
+                         f"{ratio(r, naive, 'tokens_per_s')} | {ratio(r, strong, 'tokens_per_s')} | "
+                         f"{ratio(r, naive, 'peak_alloc_gib')} | {ratio(r, strong, 'peak_alloc_gib')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--side", default="both", choices=["baseline", "fineray", "both"])
+    ap.add_argument("--side", default="both", choices=["baseline", "strong", "fineray", "both", "all"],
+                    help="both = baseline (naive) + fineray; all = naive + strong + fineray")
     ap.add_argument("--cases", default=None, help="comma-separated names from CASES")
     ap.add_argument("--out", default=None, help="append one JSON line per case here")
     ap.add_argument("--table", nargs="*", default=None, help="print the table of these JSONL files and exit")
     ap.add_argument("--set", nargs="*", default=[], help="extra fineray config overrides")
     ap.add_argument("--tag", default="", help="a label appended to the case names of this run (+TAG)")
+    ap.add_argument("--strong-attn", default="auto", choices=["auto", "flex_attention", "sdpa"],
+                    help="auto: flex_attention on CUDA, sdpa on CPU (PyTorch has no FlexAttention backward on CPU)")
+    ap.add_argument("--strong-impl", default="auto", choices=["auto", "trl", "hf"])
+    ap.add_argument("--no-liger", action="store_true", help="strong side without Liger (it is off on CPU anyway)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="instead of timed runs: profile this many steps after the warm-up (bench/step_profile.py)")
+    ap.add_argument("--worker", action="store_true", help="serve runs of --side over stdin (bench/alternate.py)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the sides alternately this many times and keep each side's fastest run (for shared, "
                          "noisy CPUs)")
@@ -397,30 +561,27 @@ def main() -> None:
                 if x.strip()]
         print(table(rows))
         return
-    names = a.cases.split(",") if a.cases else (["tiny-real16"] if a.device == "cpu" else list(CASES))
     if a.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    if a.worker:
+        serve_worker(a.side, a.device)
+        return
+    sides = {"both": ["baseline", "fineray"], "all": ["baseline", "strong", "fineray"]}.get(a.side, [a.side])
+    opts = RunOpts(overrides=tuple(a.set), strong_attn=a.strong_attn, strong_impl=a.strong_impl,
+                   liger=False if a.no_liger else None, profile_steps=a.profile_steps)
+    if "strong" in sides and len(sides) > 1 and a.device == "cuda" and not a.no_liger:
+        # Liger patches transformers' Llama module globally (RoPE function, RMSNorm/MLP classes): the other
+        # sides would run with its kernels. One process per side: bench/alternate.py.
+        ap.error("on CUDA the strong side (Liger) needs its own process: use --side strong, or bench/alternate.py")
+    names = a.cases.split(",") if a.cases else (["tiny-real16"] if a.device == "cpu" else list(CASES))
     rows = []
     for name in names:
         case = CASES[name]
         best: dict[str, dict[str, Any]] = {}
-        for side in (["baseline", "fineray"] if a.side == "both" else [a.side]) * a.repeat:
-            if side == "baseline" and (case.method != "lora" or "nocompile" in name or case.overrides):
+        for side in sides * a.repeat:
+            if side != "fineray" and (case.method != "lora" or "nocompile" in name or case.overrides):
                 continue
-            t0 = time.perf_counter()
-            try:
-                r = (run_baseline if side == "baseline" else run_fineray)(name, case, a.device,
-                                                                         *([a.set] if side == "fineray" else []))
-            except Exception as e:  # noqa: BLE001 - record OOMs and failures as rows, keep going
-                r = {"side": side, "case": name, "error": f"{type(e).__name__}: {str(e)[:300]}",
-                     **_mem()}
-                gc.collect()
-                if a.device == "cuda":
-                    torch.cuda.empty_cache()
-            r["wall_s"] = time.perf_counter() - t0
-            if a.tag:
-                r["case"] = f"{name}+{a.tag}"
-            r["env_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+            r = run_one(side, name, a.device, opts, a.tag)
             print("RESULT " + json.dumps(r, default=float), flush=True)
             if a.out:
                 with open(a.out, "a") as f:
