@@ -1,16 +1,22 @@
-"""Training throughput: HF Trainer + PEFT (baseline) vs fineray's training loop, same shapes, same data.
+"""Training throughput: HF Trainer + PEFT (naive baseline), TRL + Liger (strong baseline) and fineray's loop.
 
-Method (issue 8):
+Method (issues 8 and 17):
   * Models: random-init Llama shapes from config (no hub), or the embedded model's real weights (`smollm2`,
     CPU comparison): `1b` = Llama-3.2-1B (16 layers, d 2048, MLP 8192,
     32/8 heads, vocab 128256, tied embeddings); `8b` = Llama-3-8B (32 layers, d 4096, MLP 14336, 32/8 heads,
     vocab 128256); `tiny` = fineray's tiny:llama shape (CPU comparison). bf16 weights on GPU, seed 0.
   * Adapter: LoRA r=16, alpha=32, dropout 0, all linear layers of the blocks (PEFT `all-linear`).
   * Data: random token ids; lengths `realistic` = lognormal (median 300, sigma 0.8) clipped to [16, 2048],
-    or `full` = 2048 each. Every token is a target. Both sides see exactly the same batches in the same
-    order (the order fineray's sampler draws; the baseline gets them through a sequential sampler).
-  * Baseline: `transformers.Trainer` + PEFT, SDPA attention, fused AdamW, constant LR 2e-4, bf16, dynamic
-    padding (pad to the longest in the batch), no packing, no gradient checkpointing.
+    or `full` = 2048 each. Every token is a target. All sides see exactly the same batches in the same
+    order (the order fineray's sampler draws; the HF sides get them through a sequential sampler).
+  * Naive baseline (side `baseline`): `transformers.Trainer` + PEFT, SDPA attention, fused AdamW, constant
+    LR 2e-4, bf16, dynamic padding (pad to the longest in the batch), no packing, no gradient checkpointing.
+  * Strong baseline (side `strong`, bench/strong_baseline.py): TRL `SFTTrainer` + the same PEFT LoRA,
+    padding-free batches (each step's documents in one row, per-document position ids), Liger RMSNorm /
+    SwiGLU / RoPE kernels and TRL's chunked LM head, `flex_attention` document masks (sdpa on CPU), same
+    optimizer and LR; every run first checks on its own model that the packed forward keeps documents apart
+    and refuses otherwise. Liger patches transformers globally: on CUDA the strong side runs in its own
+    process (bench/alternate.py runs each side in a resident worker and alternates them).
   * fineray: `fineray.train.loop.train_loop` in-process (LocalSession) with its defaults for GPU: packing
     (one row per micro-batch, per-document positions, varlen flash attention), chunked cross-entropy,
     per-block `torch.compile`. Model and data loading are replaced by the same random model and documents.
@@ -27,7 +33,9 @@ Usage:
   python bench/train_throughput.py --device cpu                          # tiny model, both sides, table
   python bench/train_throughput.py --device cuda --side baseline --cases 1b-real16,1b-full8 --out b.jsonl
   python bench/train_throughput.py --device cuda --side fineray --cases 1b-real16 --out f.jsonl
+  python bench/train_throughput.py --device cpu --side all --cases tiny-smoke   # naive, strong, fineray
   python bench/train_throughput.py --table b.jsonl f.jsonl               # merge into the ratio table
+  python bench/alternate.py ...                                          # median of alternating runs (GPU)
 """
 
 from __future__ import annotations
@@ -366,11 +374,35 @@ def run_strong(name: str, case: Case, device: str, opts: RunOpts | None = None) 
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
+def _fineray_cfg(case: Case, n_steps: int, gpu: bool, opts: RunOpts) -> Any:
+    from fineray.train.config import load_config
+
+    return load_config(None, [
+        "model.base=tiny:llama", f"method={case.method}", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
+        f"train.batch_size={case.batch}", f"train.max_steps={n_steps}", "train.lr=2e-4",
+        "train.scheduler=constant", "train.warmup_ratio=0", "train.eval_every=1000000", "train.log_every=1",
+        "train.grad_clip=null", "data.validation=null", f"scaling.use_gpu={str(gpu).lower()}",
+        "data.max_seq_len=2048", f"train.fast.compile={'auto' if case.compile else 'false'}",
+        f"train.optimizer={case.optimizer}", *case.overrides, *opts.overrides])
+
+
+def _fineray_model(case: Case, device: str, cfg: Any) -> torch.nn.Module:
+    """fineray's LoRA model for the case's shape, built once per process (the compiled blocks stay)."""
+    from fineray.train.model import apply_peft
+
+    key = (case.shape, case.method)
+    if key not in _MODELS:
+        drop_models()
+        base = build_model(case.shape, device, case.method)
+        _MODELS[key] = apply_peft(base, case.method, cfg.lora)
+        _MODELS[key]._fineray_init = {n: p.detach().clone() for n, p in _MODELS[key].named_parameters()
+                                      if p.requires_grad}
+    return _MODELS[key]
+
+
 def run_fineray(name: str, case: Case, device: str, opts: RunOpts | None = None) -> dict[str, Any]:
     """fineray's training loop in-process with its GPU defaults (packing, varlen attention, compile, ...)."""
     from fineray.train import loop
-    from fineray.train.config import load_config
-    from fineray.train.model import apply_peft
     from fineray.train.preflight import ModelShape, estimate_memory
     from fineray.train.session import LocalSession
     from fineray.train.templates import Tokenized
@@ -382,21 +414,8 @@ def run_fineray(name: str, case: Case, device: str, opts: RunOpts | None = None)
     docs = make_docs(case, n_full * case.batch, vocab)
     order = batch_order(len(docs), case.batch, 42)[:n_steps]  # the loop draws these (same sampler, seed 42)
     gpu = device == "cuda"
-    cfg = load_config(None, [
-        "model.base=tiny:llama", f"method={case.method}", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
-        f"train.batch_size={case.batch}", f"train.max_steps={n_steps}", "train.lr=2e-4",
-        "train.scheduler=constant", "train.warmup_ratio=0", "train.eval_every=1000000", "train.log_every=1",
-        "train.grad_clip=null", "data.validation=null", f"scaling.use_gpu={str(gpu).lower()}",
-        "data.max_seq_len=2048", f"train.fast.compile={'auto' if case.compile else 'false'}",
-        f"train.optimizer={case.optimizer}", *case.overrides, *opts.overrides])
-    key = (case.shape, case.method)
-    if key not in _MODELS:
-        drop_models()
-        base = build_model(case.shape, device, case.method)
-        _MODELS[key] = apply_peft(base, case.method, cfg.lora)
-        _MODELS[key]._fineray_init = {n: p.detach().clone() for n, p in _MODELS[key].named_parameters()
-                                      if p.requires_grad}
-    model = _MODELS[key]
+    cfg = _fineray_cfg(case, n_steps, gpu, opts)
+    model = _fineray_model(case, device, cfg)
     with torch.no_grad():  # every case starts from the same LoRA initialisation
         for n, p in model.named_parameters():
             if n in model._fineray_init:
@@ -479,17 +498,43 @@ def run_one(side: str, name: str, device: str, opts: RunOpts, tag: str = "") -> 
         if device == "cuda":
             torch.cuda.empty_cache()
     r["wall_s"] = time.perf_counter() - t0
+    gc.collect()  # hand the run's cached blocks back: other sides' workers share the GPU (bench/alternate.py)
+    if device == "cuda":
+        torch.cuda.empty_cache()
     if tag:
         r["case"] = f"{name}+{tag}"
     r["env_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     return r
 
 
+def prepare(side: str, name: str, device: str, opts: RunOpts) -> dict[str, Any]:
+    """Import the side's stack and build its model for the case's shape, ahead of the timed runs (the workers
+    of bench/alternate.py do this at the same time)."""
+    t0 = time.perf_counter()
+    case = CASES[name]
+    if side == "fineray":
+        _fineray_model(case, device, _fineray_cfg(case, case.warmup + case.steps, device == "cuda", opts))
+    else:
+        _peft_model(side, case.shape, device)
+    if side == "strong":
+        from strong_baseline import strong_impl
+
+        impl = strong_impl(opts.strong_impl)
+        if impl == "trl":
+            import trl  # noqa: F401
+        if device == "cuda" and opts.liger is not False:
+            import liger_kernel.transformers  # noqa: F401
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"ok": True, "prepare_s": time.perf_counter() - t0, **_mem()}
+
+
 def serve_worker(side: str, device: str) -> None:
     """Worker mode (bench/alternate.py): keep one side's model (and compiled code) across runs.
 
     Reads one JSON command per stdin line: {"cmd": "run", "case": NAME, "opts": {...}, "tag": ""},
-    {"cmd": "release"} (free the models) or {"cmd": "quit"}; answers each with one stdout line
+    {"cmd": "prepare", "case": NAME} (imports, model), {"cmd": "release"} (free the models) or {"cmd": "quit"};
+    answers each with one stdout line
     `@@W {json}` (a result row, or {"ok": true}). Everything else on stdout/stderr is log.
     """
     print("@@W " + json.dumps({"ready": side, "pid": os.getpid()}), flush=True)
@@ -502,6 +547,11 @@ def serve_worker(side: str, device: str) -> None:
         if cmd["cmd"] == "release":
             drop_models()
             reply: dict[str, Any] = {"ok": True, **_mem()}
+        elif cmd["cmd"] == "prepare":
+            try:
+                reply = prepare(side, cmd["case"], device, RunOpts(**cmd.get("opts", {})))
+            except Exception as e:  # noqa: BLE001 - the coordinator logs it; the run will fail and say why
+                reply = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:600]}"}
         else:
             reply = run_one(side, cmd["case"], device, RunOpts(**cmd.get("opts", {})), cmd.get("tag", ""))
         print("@@W " + json.dumps(reply, default=float), flush=True)
