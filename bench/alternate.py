@@ -7,7 +7,10 @@ also required, not only cheaper: Liger patches transformers' Llama module global
 and MLP classes), so the strong side must not share a process with the other two. Peak memory stays
 per side (each process has its own allocator; idle workers hold their model but no activations).
 
-A round runs the case once per side, in the order naive, strong, fineray; rounds repeat (alternating runs).
+Before a case's rounds every side runs its warm-up steps once, untimed (`warm` rows: torch.compile, the flex
+attention and Liger/TRL Triton kernels, cuBLAS, the allocator); for realistic lengths strong and fineray warm
+up at the same time (their compiles are CPU work; their peaks fit together beside naive's idle model).
+A round then runs the case once per side, in the order naive, strong, fineray; rounds repeat (alternating runs).
 The table reports per side the median useful tok/s over the rounds, and for fineray the ratio of medians
 against naive and strong plus the per-round ratios (their minimum = "in every run"). Every run is one
 JSONL row (with `round`). The plan runs in order, under a time budget: a case is skipped when too little
@@ -126,6 +129,7 @@ def run_plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     walls: dict[tuple[str, str], float] = {}
     shape = None
+    seen: set[str] = set()  # shapes already compiled by the workers in this call
 
     def emit(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -135,6 +139,32 @@ def run_plan(a: argparse.Namespace) -> list[dict[str, Any]]:
         brief = {k: row.get(k) for k in ("side", "case", "round", "tokens_per_s", "mfu", "peak_alloc_gib",
                                          "wall_s", "error", "attn") if row.get(k) is not None}
         print(f"[{time.monotonic() - t0:.0f}s] RESULT {json.dumps(brief, default=float)}", flush=True)
+
+    def warm_up(case: str) -> float | None:
+        """Every side's warm-up steps, untimed (strong and fineray together for realistic lengths); returns an
+        estimate of one round's time from naive's warm-up (the slowest side), if it ran."""
+        est = None
+        together = [s for s in ("strong", "fineray") if s in sides] if "-real" in case else []
+        for group in [together] + [[s] for s in sides if s not in together]:
+            if not group:
+                continue
+            for s in group:
+                workers[s].send({"cmd": "run", "case": case, "opts": {**opts[s], "warm": True}})
+            for s in group:
+                row = workers[s].wait(left() - 5)
+                row.setdefault("side", s)
+                row.setdefault("case", case)
+                emit({**row, "round": -1, "warm": True, "together": group if len(group) > 1 else None})
+                if s == "baseline" and "error" not in row and row.get("steps_run"):
+                    # naive is the slowest side; its warm-up wall includes ~2 s of trainer set-up
+                    est = 2 * row["wall_s"] * (row["warmup"] + row["case_steps"]) / row["steps_run"]
+                if s == "strong" and _flex_failed(row, opts[s], a.device):
+                    opts[s] = {**opts[s], "strong_attn": "sdpa"}  # sdpa also separates documents
+                    print(f"strong: flex_attention failed in the warm-up, sdpa from now on: {row['error'][:200]}",
+                          flush=True)
+                    row = workers[s].ask({"cmd": "run", "case": case, "opts": {**opts[s], "warm": True}}, left() - 5)
+                    emit({**row, "side": s, "case": case, "round": -1, "warm": True})
+        return est
 
     def ask_all(cmd: dict[str, Any], timeout: float) -> None:
         for w in workers.values():  # send to all first: the workers do it at the same time
@@ -148,18 +178,22 @@ def run_plan(a: argparse.Namespace) -> list[dict[str, Any]]:
         for item in a.plan.split(","):
             case, _, n = item.partition(":")
             rounds = int(n or a.rounds)
-            need_first = a.min_first_s * len(sides)
+            need_first = a.min_first_s * len(sides) * (0.5 if _shape(case) in seen else 1.0)
             if left() < need_first:
-                print(f"SKIP {case}: {left():.0f} s left < {need_first:.0f} s for a first round", flush=True)
+                print(f"SKIP {case}: {left():.0f} s left < {need_first:.0f} s for its warm-up and a round",
+                      flush=True)
                 continue
             if _shape(case) != shape:
                 if shape is not None:
                     ask_all({"cmd": "release"}, 120)
                 ask_all({"cmd": "prepare", "case": case, "opts": opts.get("strong", {})}, min(300, left()))
                 shape = _shape(case)
+                seen.add(shape)
+            first_est = warm_up(case)
             for r in range(1, rounds + 1):
-                est = sum(walls.get((s, case), a.min_first_s) for s in sides)
-                if r > 1 and left() < est * 1.1 + 10:
+                est = sum(walls[(s, case)] for s in sides) if all((s, case) in walls for s in sides) else \
+                    first_est or a.min_first_s * len(sides)
+                if left() < est * 1.1 + 10:
                     print(f"SKIP {case} rounds {r}-{rounds}: {left():.0f} s left, a round takes ~{est:.0f} s",
                           flush=True)
                     break
@@ -243,7 +277,7 @@ def _profile_lines(r: dict[str, Any], timed: list[dict[str, Any]]) -> list[str]:
 
 def summary(rows: list[dict[str, Any]]) -> str:
     """Per case: each side's runs and median; ratios of medians and per round against naive and strong."""
-    ok = [r for r in rows if "error" not in r and not r.get("profiled") and "tokens_per_s" in r]
+    ok = [r for r in rows if "error" not in r and not r.get("profiled") and not r.get("warm") and "tokens_per_s" in r]
     head = ("| case | side | runs (useful tok/s) | median tok/s | MFU | peak alloc GiB | x naive | x strong | "
             "x naive per round | x strong per round | mem / naive | mem / strong |")
     out = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
@@ -259,6 +293,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
                        f"{_ratio(by, s, 'baseline', 'peak_alloc_gib')} | {_ratio(by, s, 'strong', 'peak_alloc_gib')} |")
     out += [f"ERROR {r.get('side')} {r.get('case')} round {r.get('round')}: {r['error'][:300]}"
             for r in rows if "error" in r]
+    out += [f"WARM {r['case']} {LABEL.get(r['side'], r['side'])}: {r['wall_s']:.0f} s (untimed warm-up"
+            f"{', together with ' + '+'.join(r['together']) if r.get('together') else ''})"
+            for r in rows if r.get("warm") and "error" not in r]
     for r in [r for r in rows if r.get("profile")]:
         out += _profile_lines(r, [x for x in ok if x["case"] == r["case"] and x["side"] == r["side"]])
     for r in rows:

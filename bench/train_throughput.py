@@ -211,7 +211,8 @@ def _result(side: str, name: str, case: Case, docs: list[list[int]], order: list
            "method": case.method, "steps_timed": len(timed), "tokens_timed": tokens, "seconds": secs,
            "tokens_per_s": tps, "mfu": fpt * tps / (PEAK_TFLOPS * 1e12), "flops_per_token": fpt,
            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-           "tokens_per_step_mean": tokens / max(1, len(timed)), **_mem(), **extra}
+           "tokens_per_step_mean": tokens / max(1, len(timed)), "steps_run": len(ends), "warmup": w,
+           "case_steps": case.steps, **_mem(), **extra}
     return out
 
 
@@ -225,6 +226,12 @@ class RunOpts:
     strong_impl: str = "auto"  # trl | hf | auto (trl when it imports)
     liger: bool | None = None  # None: on with CUDA (Liger is Triton-only)
     profile_steps: int = 0  # > 0: a profiled pass of warmup + this many steps (not a timed run)
+    warm: bool = False  # only the case's warm-up steps, untimed (compiles, JIT kernels, cuBLAS, allocator)
+
+
+def _n_steps(case: Case, opts: RunOpts) -> int:
+    """Steps of this run: the case's warm-up steps, plus its timed (or profiled) steps unless `warm`."""
+    return case.warmup + (0 if opts.warm else opts.profile_steps or case.steps)
 
 
 _HF: dict[str, tuple[str, torch.nn.Module, dict[str, torch.Tensor]]] = {}  # side -> (shape, PEFT model, LoRA init)
@@ -265,7 +272,7 @@ def _hf_run(side: str, name: str, case: Case, device: str, opts: RunOpts) -> dic
         raise ValueError(f"the {side} side runs LoRA only")
     vocab = SHAPES[case.shape]["vocab_size"]
     n_full = case.warmup + case.steps
-    n_steps = case.warmup + (opts.profile_steps or case.steps)
+    n_steps = _n_steps(case, opts)
     docs = make_docs(case, n_full * case.batch, vocab)
     order = batch_order(len(docs), case.batch, 42)[:n_steps]
     seq = [docs[i] for b in order for i in b]
@@ -350,6 +357,8 @@ def _hf_run(side: str, name: str, case: Case, device: str, opts: RunOpts) -> dic
     out = _result(side, name, case, docs, order, ends, losses, extra)
     if prof:
         out.update(profiled=True, profile=prof.result)
+    if opts.warm:
+        out["warm"] = True
     del trainer
     gc.collect()
     if device == "cuda":
@@ -410,7 +419,7 @@ def run_fineray(name: str, case: Case, device: str, opts: RunOpts | None = None)
     opts = opts or RunOpts()
     vocab = SHAPES[case.shape]["vocab_size"]
     n_full = case.warmup + case.steps
-    n_steps = case.warmup + (opts.profile_steps or case.steps)
+    n_steps = _n_steps(case, opts)
     docs = make_docs(case, n_full * case.batch, vocab)
     order = batch_order(len(docs), case.batch, 42)[:n_steps]  # the loop draws these (same sampler, seed 42)
     gpu = device == "cuda"
@@ -465,6 +474,8 @@ def run_fineray(name: str, case: Case, device: str, opts: RunOpts | None = None)
     out["compile"] = _compile_counters()
     if prof:
         out.update(profiled=True, profile=prof.result)
+    if opts.warm:
+        out["warm"] = True
     return out
 
 
@@ -560,7 +571,7 @@ def serve_worker(side: str, device: str) -> None:
 def table(rows: list[dict[str, Any]]) -> str:
     """One row per case and side; ratios of useful tok/s and of peak memory against naive and strong."""
     by: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in [r for r in rows if "error" not in r and not r.get("profiled")]:
+    for r in [r for r in rows if "error" not in r and not r.get("profiled") and not r.get("warm")]:
         name, _, tag = r["case"].partition("+")
         key = name.replace("-nocompile", "")
         side = SIDE_LABEL.get(r["side"], r["side"]) + ("-nocompile" if "nocompile" in name else "") + \
