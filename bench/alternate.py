@@ -117,6 +117,9 @@ def run_plan(a: argparse.Namespace) -> list[dict[str, Any]]:
     def left() -> float:
         return a.budget_s - (time.monotonic() - t0)
 
+    def cap(limit: float) -> float:  # one command's timeout: its own limit, and never past the budget
+        return min(limit, left() - 5)
+
     logs = Path(a.logs)
     logs.mkdir(parents=True, exist_ok=True)
     sides = a.sides.split(",")
@@ -151,7 +154,7 @@ def run_plan(a: argparse.Namespace) -> list[dict[str, Any]]:
             for s in group:
                 workers[s].send({"cmd": "run", "case": case, "opts": {**opts[s], "warm": True}})
             for s in group:
-                row = workers[s].wait(left() - 5)
+                row = workers[s].wait(cap(2 * a.run_timeout_s))  # warm-ups compile
                 row.setdefault("side", s)
                 row.setdefault("case", case)
                 emit({**row, "round": -1, "warm": True, "together": group if len(group) > 1 else None})
@@ -162,7 +165,8 @@ def run_plan(a: argparse.Namespace) -> list[dict[str, Any]]:
                     opts[s] = {**opts[s], "strong_attn": "sdpa"}  # sdpa also separates documents
                     print(f"strong: flex_attention failed in the warm-up, sdpa from now on: {row['error'][:200]}",
                           flush=True)
-                    row = workers[s].ask({"cmd": "run", "case": case, "opts": {**opts[s], "warm": True}}, left() - 5)
+                    row = workers[s].ask({"cmd": "run", "case": case, "opts": {**opts[s], "warm": True}},
+                                         cap(2 * a.run_timeout_s))
                     emit({**row, "side": s, "case": case, "round": -1, "warm": True})
         return est
 
@@ -198,12 +202,12 @@ def run_plan(a: argparse.Namespace) -> list[dict[str, Any]]:
                           flush=True)
                     break
                 for s in sides:
-                    row = workers[s].ask({"cmd": "run", "case": case, "opts": opts[s]}, left() - 5)
+                    row = workers[s].ask({"cmd": "run", "case": case, "opts": opts[s]}, cap(a.run_timeout_s))
                     if s == "strong" and _flex_failed(row, opts[s], a.device) and left() > a.min_first_s:
                         # flex_attention did not run here (compile/lowering): sdpa also separates documents
                         emit({**row, "round": r})
                         opts[s] = {**opts[s], "strong_attn": "sdpa"}
-                        row = workers[s].ask({"cmd": "run", "case": case, "opts": opts[s]}, left() - 5)
+                        row = workers[s].ask({"cmd": "run", "case": case, "opts": opts[s]}, cap(a.run_timeout_s))
                     row.setdefault("side", s)
                     row.setdefault("case", case)
                     row["round"] = r
@@ -215,8 +219,8 @@ def run_plan(a: argparse.Namespace) -> list[dict[str, Any]]:
                     if left() < a.min_first_s:
                         print(f"SKIP profile {case} {s}: {left():.0f} s left", flush=True)
                         break
-                    row = workers[s].ask({"cmd": "run", "case": case,
-                                          "opts": {**opts[s], "profile_steps": a.profile_steps}}, left() - 5)
+                    cmd = {"cmd": "run", "case": case, "opts": {**opts[s], "profile_steps": a.profile_steps}}
+                    row = workers[s].ask(cmd, cap(a.run_timeout_s))
                     row.setdefault("side", s)
                     row.setdefault("case", case)
                     row["round"] = 0
@@ -236,7 +240,7 @@ def _flex_failed(row: dict[str, Any], opts: dict[str, Any], device: str) -> bool
 
 def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     runs = sorted(runs, key=lambda r: r["tokens_per_s"])
-    return runs[(len(runs) - 1) // 2]  # the lower median for an even count: a real run, not an average
+    return runs[(len(runs) - 1) // 2]  # the (lower) median run
 
 
 def _ratio(by: dict[str, list[dict[str, Any]]], s: str, ref: str, key: str = "tokens_per_s") -> str:
@@ -265,9 +269,11 @@ def _side_label(s: str, r: dict[str, Any]) -> str:
 
 def _profile_lines(r: dict[str, Any], timed: list[dict[str, Any]]) -> list[str]:
     p = r["profile"]
-    unprof = 1e3 * statistics.median(x["seconds"] / x["steps_timed"] for x in timed) if timed else None
-    head = (f"PROFILE {r['case']} {LABEL[r['side']]}: wall {p['wall_ms_per_step']:.1f} ms/step (unprofiled timed "
-            f"runs: {'-' if unprof is None else f'{unprof:.1f}'}), GPU busy {p['gpu_busy_ms_per_step']:.1f} "
+    w, k = r["warmup"], p["steps"]  # the profiled steps are w+1 .. w+k; the timed runs ran the same batches
+    same = [sum(x["step_ms"][w:w + k]) / k for x in timed if len(x.get("step_ms", [])) >= w + k]
+    unprof = statistics.median(same) if same else None
+    head = (f"PROFILE {r['case']} {LABEL[r['side']]}: wall {p['wall_ms_per_step']:.1f} ms/step (the same steps in "
+            f"the timed runs: {'-' if unprof is None else f'{unprof:.1f}'}), GPU busy {p['gpu_busy_ms_per_step']:.1f} "
             f"ms/step = {p['gpu_busy_fraction']:.1%} of wall, {p['launches_per_step']:.0f} launches/step; "
             f"ms/step by kind {p['kinds_ms_per_step']}")
     lines = [head]
@@ -287,7 +293,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
             med = _median_row(runs)
             tps = ", ".join(f"{x['tokens_per_s']:,.0f}" for x in sorted(runs, key=lambda x: x.get("round", 0)))
             peak = max(x.get("peak_alloc_gib", float("nan")) for x in runs)
-            out.append(f"| {case} | {_side_label(s, med)} | {tps} | {med['tokens_per_s']:,.0f} | {med['mfu']:.1%} | "
+            m = statistics.median(x["tokens_per_s"] for x in runs)  # MFU is linear in tok/s for one case:
+            mfu = med["mfu"] * m / med["tokens_per_s"]  # the median run's, scaled (even counts average two)
+            out.append(f"| {case} | {_side_label(s, med)} | {tps} | {m:,.0f} | {mfu:.1%} | "
                        f"{peak:.1f} | {_ratio(by, s, 'baseline')} | {_ratio(by, s, 'strong')} | "
                        f"{_per_round(by, s, 'baseline')} | {_per_round(by, s, 'strong')} | "
                        f"{_ratio(by, s, 'baseline', 'peak_alloc_gib')} | {_ratio(by, s, 'strong', 'peak_alloc_gib')} |")
@@ -319,6 +327,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=480.0, help="the whole plan's time, workers' start included")
     ap.add_argument("--min-first-s", type=float, default=40.0,
                     help="time per side a case's first round needs at least (imports, builds, compiles)")
+    ap.add_argument("--run-timeout-s", type=float, default=240.0,
+                    help="a timed run's limit (a warm-up's: twice this); a worker past it is killed and replaced")
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
     ap.add_argument("--logs", default="/tmp/alternate-logs", help="folder for the workers' logs")
     ap.add_argument("--table", nargs="*", default=None, help="print the summary of these JSONL files and exit")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -212,7 +213,8 @@ def _result(side: str, name: str, case: Case, docs: list[list[int]], order: list
            "tokens_per_s": tps, "mfu": fpt * tps / (PEAK_TFLOPS * 1e12), "flops_per_token": fpt,
            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
            "tokens_per_step_mean": tokens / max(1, len(timed)), "steps_run": len(ends), "warmup": w,
-           "case_steps": case.steps, **_mem(), **extra}
+           "case_steps": case.steps, "step_ms": [None] + [round(1e3 * (b - a), 2) for a, b in itertools.pairwise(ends)],
+           **_mem(), **extra}
     return out
 
 
@@ -231,7 +233,7 @@ class RunOpts:
 
 def _n_steps(case: Case, opts: RunOpts) -> int:
     """Steps of this run: the case's warm-up steps, plus its timed (or profiled) steps unless `warm`."""
-    return case.warmup + (0 if opts.warm else opts.profile_steps or case.steps)
+    return case.warmup + (0 if opts.warm else min(opts.profile_steps or case.steps, case.steps))
 
 
 _HF: dict[str, tuple[str, torch.nn.Module, dict[str, torch.Tensor]]] = {}  # side -> (shape, PEFT model, LoRA init)
@@ -281,7 +283,7 @@ def _hf_run(side: str, name: str, case: Case, device: str, opts: RunOpts) -> dic
         torch.cuda.reset_peak_memory_stats()
     ends: list[float] = []
     losses: list[float] = []
-    prof = StepProfiler(case.warmup, opts.profile_steps, device) if opts.profile_steps else None
+    prof = StepProfiler(case.warmup, n_steps - case.warmup, device) if opts.profile_steps else None
 
     class Clock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -442,7 +444,7 @@ def run_fineray(name: str, case: Case, device: str, opts: RunOpts | None = None)
     loop.build_data = lambda cfg, tok, stats=None: (data, [])
     ends: list[float] = []
     losses: list[float] = []
-    prof = StepProfiler(case.warmup, opts.profile_steps, device) if opts.profile_steps else None
+    prof = StepProfiler(case.warmup, n_steps - case.warmup, device) if opts.profile_steps else None
 
     class Clocked(LocalSession):
         def progress(self, row: dict[str, Any]) -> None:
