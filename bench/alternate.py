@@ -306,11 +306,14 @@ def summary(rows: list[dict[str, Any]]) -> str:
             for r in rows if r.get("warm") and "error" not in r]
     for r in [r for r in rows if r.get("profile")]:
         out += _profile_lines(r, [x for x in ok if x["case"] == r["case"] and x["side"] == r["side"]])
+    shown = set()
     for r in rows:
         d = r.get("doc_separation")
-        if d and r.get("round") == 1:
-            out.append(f"SEPARATION {r['case']} strong {d['attn']}: packed vs separate {d['packed_vs_separate']:.2e}, "
-                       f"cross-document control {d['cross_vs_separate']:.2e} -> separates={d['separates']}")
+        if d and (r["case"], d["attn"]) not in shown:  # checked once per worker, shape and attention
+            shown.add((r["case"], d["attn"]))
+            out.append(f"SEPARATION {r['case']} strong {d['attn']}: packed vs separate {d['packed_vs_separate']:.2e} "
+                       f"(rounding floor, document 1: {d.get('noise_doc1', float('nan')):.2e}), cross-document "
+                       f"control {d['cross_vs_separate']:.2e} -> separates={d['separates']}")
     return "\n".join(out)
 
 
