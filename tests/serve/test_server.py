@@ -240,7 +240,8 @@ def test_new_weights_and_new_adapters_need_no_restart(server, adapter_dirs, tiny
     server.registry.register("gamma", adapter_dirs["gamma"], base_model="tiny:llama", method="lora")
     # Assert
     assert wait_for(lambda: all(chat(server, "ab", max_tokens=1).json()["model"] == "beta@v1" for _ in range(4)))
-    assert "gamma" in [m["id"] for m in server.client.get("/v1/models").json()["data"]]
+    # the listing is cached for registry_ttl_s, so the new adapter shows up within a few seconds, not at once
+    assert wait_for(lambda: "gamma" in [m["id"] for m in server.client.get("/v1/models").json()["data"]])
     r = chat(server, "gamma")
     assert r.status_code == 200 and r.json()["model"] == "gamma@v1"
     assert r.json()["choices"][0]["message"]["content"] == reference_text(tiny_tok, peft_reference, "gamma")[0]
