@@ -41,10 +41,33 @@ def adapters_show(ref: str, registry: str = typer.Option("adapters")) -> None:
     from fineray.train.registry import RegistryError
 
     try:
-        v = _registry(registry).get(ref)
+        reg = _registry(registry)
+        v = reg.get(ref)
+        chain = lineage(reg, v)
     except RegistryError as e:
         fail(str(e), 1)
     console.print_json(json.dumps({"ref": v.ref, "uri": v.uri, **v.manifest}))
+    console.print("lineage: " + " -> ".join(chain), highlight=False)
+
+
+def lineage(reg: Any, version: Any) -> list[str]:
+    """`dataset:tickets@v1 -> support-json@v1 -> support-json@v2`: the datasets the oldest ancestor was trained
+    on, then each adapter from the oldest ancestor to `version` (parents followed through the registry)."""
+    chain, seen, v = [], set(), version
+    while v is not None and v.ref not in seen:
+        seen.add(v.ref)
+        lin = v.manifest.get("lineage") or {}
+        data = lin.get("datasets") or []
+        chain.insert(0, v.ref + (f" (data: {', '.join('dataset:' + d for d in data)})" if data else ""))
+        parent = lin.get("parent")
+        if not parent:
+            break
+        try:
+            v = reg.get(parent)
+        except Exception:  # noqa: BLE001 - a folder or a removed version: show it and stop
+            chain.insert(0, str(parent))
+            v = None
+    return chain
 
 
 @adapters_app.command("rm")
