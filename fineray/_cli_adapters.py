@@ -37,22 +37,22 @@ def adapters_list(registry: str = typer.Option("adapters", help="Adapter registr
 
 @adapters_app.command("show")
 def adapters_show(ref: str, registry: str = typer.Option("adapters")) -> None:
-    """The manifest of an adapter version (`name` = latest, or `name@vN`)."""
+    """The manifest of an adapter version (`name` = latest, or `name@vN`), with its lineage chain
+    (`lineage_chain`: the datasets it was trained on, its parent adapters)."""
     from fineray.train.registry import RegistryError
 
     try:
         reg = _registry(registry)
         v = reg.get(ref)
-        chain = lineage(reg, v)
+        chain = _lineage(reg, v)
     except RegistryError as e:
         fail(str(e), 1)
-    console.print_json(json.dumps({"ref": v.ref, "uri": v.uri, **v.manifest}))
-    console.print("lineage: " + " -> ".join(chain), highlight=False)
+    console.print_json(json.dumps({"ref": v.ref, "uri": v.uri, **v.manifest, "lineage_chain": " -> ".join(chain)}))
 
 
-def lineage(reg: Any, version: Any) -> list[str]:
-    """`dataset:tickets@v1 -> support-json@v1 -> support-json@v2`: the datasets the oldest ancestor was trained
-    on, then each adapter from the oldest ancestor to `version` (parents followed through the registry)."""
+def _lineage(reg: Any, version: Any) -> list[str]:
+    """Each adapter from the oldest ancestor to `version` with the datasets it was trained on, e.g.
+    `support-json@v1 (data: dataset:tickets@v1) -> support-json@v2 (data: dataset:tickets-feedback@v1)`."""
     chain, seen, v = [], set(), version
     while v is not None and v.ref not in seen:
         seen.add(v.ref)

@@ -20,7 +20,10 @@ def serve(registry: str | None = typer.Option(None, help="Adapter registry (path
           host: str | None = typer.Option(None, help="Bind address (loopback unless API keys are set)."),
           port: int | None = typer.Option(None, help="HTTP port (default 8000)."),
           api_keys_file: str | None = typer.Option(None, help="API keys file (YAML/JSON)."),
-          device: str | None = typer.Option(None, help="auto | cpu | cuda")) -> None:
+          device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+          log_requests: str | None = typer.Option(None, "--log-requests",
+                                                  help="Log responses (PII-redacted, Parquet) to this folder or URI "
+                                                       "and accept POST /v1/feedback.")) -> None:
     """Serve registered adapters behind an OpenAI-compatible API on Ray Serve."""
     from fineray.serve import load_serve_config
     from fineray.serve.server import run_server
@@ -28,7 +31,8 @@ def serve(registry: str | None = typer.Option(None, help="Adapter registry (path
 
     try:
         cfg = load_serve_config(config, {"registry": registry, "base": base, "host": host, "port": port,
-                                         "api_keys_file": api_keys_file, "device": device})
+                                         "api_keys_file": api_keys_file, "device": device,
+                                         "log_requests": log_requests})
         run_server(cfg, blocking=True)
     except (ConfigError, RuntimeError) as e:
         fail(str(e), 1)

@@ -159,6 +159,9 @@ class ServeConfig(_Section):
         ingress_replicas: replicas of the HTTP ingress (auth, validation, tokenisation).
         registry_ttl_s / reload_interval_s: how stale the registry listing / config may be (seconds).
         request_timeout_s: end-to-end HTTP timeout; graceful_shutdown_timeout_s: drain time on shutdown.
+        log_requests: storage URI or folder for the request log (opt-in): every response, PII-redacted, with
+            its id, adapter, rollout variant and key, as Parquet; enables `POST /v1/feedback`.
+        log_flush_s: how often logged responses and feedback are written out (seconds).
     """
 
     base: str = EMBEDDED_MODEL
@@ -185,6 +188,8 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(300, gt=0)
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
     ray: RayConfig = RayConfig()
+    log_requests: str | None = None
+    log_flush_s: float = Field(5.0, gt=0)
 
     # Where the config came from, so the ingress can re-read it (rollouts, keys, limits) without a restart.
     _source_path: str | None = PrivateAttr(None)

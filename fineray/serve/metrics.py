@@ -47,6 +47,13 @@ class ServeMetrics:
                                     buckets=_ROWS, registry=r)
         self.batch_adapters = Histogram("fineray_batch_adapters", "Distinct adapters (base counts) per forward pass",
                                         ["kind"], buckets=_ROWS, registry=r)
+        # Feedback (`POST /v1/feedback`) per adapter version and rollout variant: ratings in [-1, 1] (the
+        # histogram's _sum / _count is the mean rating) and how many came with a correction.
+        fv = [*av, "rollout", "variant"]
+        self.feedback = Histogram("fineray_feedback_rating", "Feedback ratings (-1 bad .. 1 good)", fv,
+                                  buckets=(-0.5, 0.0, 0.5, 1.0), registry=r)
+        self.corrections = Counter("fineray_feedback_corrections", "Feedback that came with a correction", fv,
+                                   registry=r)
         self.step_seconds = Histogram("fineray_forward_seconds", "Forward pass time", ["kind"],
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
                                       registry=r)
@@ -74,6 +81,12 @@ class ServeMetrics:
             elif kind == "load":
                 self.loads.labels(*av).inc()
                 self.load_seconds.labels(*av).observe(e.get("seconds", 0.0))
+            elif kind == "feedback":
+                v = e.get("version")
+                labels = (e.get("adapter", "-"), f"v{v}" if v else "", e.get("rollout") or "", e.get("variant") or "")
+                self.feedback.labels(*labels).observe(float(e["rating"]))
+                if e.get("correction"):
+                    self.corrections.labels(*labels).inc()
             elif kind == "evict":
                 self.evictions.labels(*av).inc()
             elif kind == "steps":  # aggregated forward passes: [(kind, rows, adapters, seconds), ...]

@@ -58,7 +58,9 @@ class NearDupIndex:
 
         self.threshold, self.num_perm, self.shingle = threshold, num_perm, shingle
         self._minhash = MinHash
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # Bands tuned for recall (weights: false positives 0.1, false negatives 0.9; at 64 permutations 9 bands
+        # of 7 rows catch 99.7 % of 0.9-similar pairs); the Jaccard estimate below removes the extra candidates.
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
         a, b = MinHash(num_perm=num_perm, seed=1).permutations
         self._a, self._b = a.astype(np.uint64), b.astype(np.uint64)
         self._template: set[int] | None = None
