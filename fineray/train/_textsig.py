@@ -44,9 +44,9 @@ def _gram_hashes(words: list[str], n: int) -> set[int]:
 class NearDupIndex:
     """Near-duplicate detection with MinHash LSH (datasketch): word 3-gram shingles, Jaccard `threshold`.
 
-    Signatures are computed for a chunk of texts at once with numpy (datasketch's affine32 scheme, the same
-    permutations as `datasketch.MinHash(num_perm, seed=1)`), then queried and inserted into a
-    `datasketch.MinHashLSH`; LSH candidates are kept only when their estimated Jaccard similarity reaches the
+    Signatures are computed for a chunk of texts at once with numpy (crc32 of each shingle through the
+    permutations of `datasketch.MinHash(num_perm, seed=1)`: (a*h + b) mod (2^61 - 1), low 32 bits), then
+    queried and inserted into a `datasketch.MinHashLSH`; LSH candidates are kept only when their estimated Jaccard similarity reaches the
     threshold (the banding alone lets some ~0.5-similar pairs through).
 
     Shingles found in at least 20 % (and 5) of the first chunk's texts are template (a shared instruction,
@@ -61,8 +61,8 @@ class NearDupIndex:
         # Bands tuned for recall (weights: false positives 0.1, false negatives 0.9; at 64 permutations 9 bands
         # of 7 rows catch 99.7 % of 0.9-similar pairs); the Jaccard estimate below removes the extra candidates.
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-        a, b = MinHash(num_perm=num_perm, seed=1).permutations
-        self._a, self._b = a.astype(np.uint64), b.astype(np.uint64)
+        self._perms = MinHash(num_perm=num_perm, seed=1).permutations  # shared: building them costs ~1 ms
+        self._a, self._b = (x.astype(np.uint64) for x in self._perms)
         self._template: set[int] | None = None
         self._sigs = np.zeros((1024, num_perm), dtype=np.uint32)  # row -> signature (grows by doubling)
         self._keys: list[Hashable] = []
@@ -91,7 +91,7 @@ class NearDupIndex:
     def add(self, key: Hashable, sig: np.ndarray, insert: bool = True) -> list[tuple[Hashable, float]]:
         """Near duplicates of `sig` among the texts added before, as (key, estimated Jaccard), most similar
         first; then index `sig` under `key` (unless `insert` is False)."""
-        m = self._minhash(num_perm=self.num_perm, hashvalues=sig, scheme="affine32")
+        m = self._minhash(hashvalues=sig, permutations=self._perms, scheme="affine32")
         rows = self.lsh.query(m)
         found = []
         if rows:

@@ -123,28 +123,43 @@ def _is_ip(s: str) -> bool:
     return True
 
 
+# Cheap gates (substring tests and simple scans run in C) before the full patterns, which cost ~0.1-0.5 ms each
+# on a 400-character text: most texts hold none of these kinds.
+_SECRET_HINTS = ("akia", "sk-", "pk-", "rk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "aiza", "eyj", "-----begin")
+_ASSIGN_HINT = re.compile(r"(?i)(?:key|secret|token|passw(?:or)?d|pwd)\s*[:=]")
+_NAME_HINTS = ("name is", "I am", "I'm", "his is", "Dear", "Hi ", "Hello", "Hey", "Mr", "Ms", "Dr", "egards,",
+               "hanks,", "heers,", "incerely,", "- ", "\u2013", "\u2014", "~")
+_DIGIT_RUN = re.compile(r"\d[\d ().-]{5,}\d")  # 7+ digits-and-separators: a card, phone or IBAN tail
+_IBAN_HEAD = re.compile(r"[A-Z]{2}\d\d")
+_NO_DIGITS = str.maketrans("", "", "0123456789")
+
+
 def _candidates(text: str) -> list[PiiFinding]:
     out: list[PiiFinding] = []
     if "@" in text:
         out += [PiiFinding("email", m.start(), m.end(), m.group()) for m in _EMAIL.finditer(text)]
-    for m in _SECRET.finditer(text):  # of `password=VALUE` only VALUE is secret
-        g = "v" if m.group("v") else 0
-        out.append(PiiFinding("secret", m.start(g), m.end(g), m.group(g)))
-    has_digits = any(ch.isdigit() for ch in text)
-    if has_digits:
+    low = text.lower()
+    if any(h in low for h in _SECRET_HINTS) or (("=" in text or ":" in text) and _ASSIGN_HINT.search(text)):
+        for m in _SECRET.finditer(text):  # of `password=VALUE` only VALUE is secret
+            g = "v" if m.group("v") else 0
+            out.append(PiiFinding("secret", m.start(g), m.end(g), m.group(g)))
+    digits = len(text) - len(text.translate(_NO_DIGITS))
+    if digits >= 7 and _DIGIT_RUN.search(text):
         out += [PiiFinding("card", m.start(), m.end(), m.group()) for m in _CARD.finditer(text)
                 if luhn_valid(_digits(m.group()))]
+        out += [PiiFinding("phone", m.start(), m.end(), m.group()) for m in _PHONE.finditer(text)
+                if 7 <= len(_digits(m.group())) <= 15]
+    if digits >= 2 and _IBAN_HEAD.search(text):
         out += [PiiFinding("iban", m.start(), m.end(), m.group()) for m in _IBAN.finditer(text)
                 if iban_valid(m.group())]
-        if "." in text:
-            out += [PiiFinding("ip", m.start(), m.end(), m.group()) for m in _IPV4.finditer(text)
-                    if _is_ip(m.group())]
+    if digits >= 4 and text.count(".") >= 3:
+        out += [PiiFinding("ip", m.start(), m.end(), m.group()) for m in _IPV4.finditer(text)
+                if _is_ip(m.group())]
     if text.count(":") >= 2:
         out += [PiiFinding("ip", m.start(), m.end(), m.group()) for m in _IPV6.finditer(text)
                 if m.group().count(":") >= 2 and _is_ip(m.group())]
-    if has_digits:
-        out += [PiiFinding("phone", m.start(), m.end(), m.group()) for m in _PHONE.finditer(text)
-                if 7 <= len(_digits(m.group())) <= 15]
+    if not any(h in text for h in _NAME_HINTS):
+        return out
     for m in _NAME.finditer(text):
         group = "n" if m.group("n") else "s"
         name = m.group(group)
