@@ -110,7 +110,7 @@ def serve_and_rate(registry: str, logs: str, model: str, tickets: list, rollouts
             "variants": {v: {"n": len(s), "field_accuracy": round(sum(s) / len(s), 4),
                              "all_fields_right": round(sum(x == 1 for x in s) / len(s), 4)} for v, s in per.items()},
             "feedback_metrics": [line for line in metrics.splitlines()
-                                 if line.startswith(("fineray_feedback_rating_sum", "fineray_feedback_rating_count",
+                                 if line.startswith(("fineray_feedback_rating_sum", "fineray_feedback_ratings_total",
                                                      "fineray_feedback_corrections_total"))]}
 
 
@@ -140,10 +140,12 @@ def main() -> None:
 
     # 1-2: serve the current adapter, rate batch A
     summary["batch_a"] = serve_and_rate(registry, str(work / "logs"), old, batch_a)
+    print("batch A:", json.dumps(summary["batch_a"]["variants"]), file=sys.stderr, flush=True)
     # 3: the feedback dataset
     version, counts = build_feedback_dataset(str(work / "logs"), registry, "tickets-feedback", since_s=86400)
     summary["feedback_dataset"] = {"ref": f"dataset:{version.ref}", "counts": counts,
                                    "splits": version.manifest["splits"]}
+    print("feedback dataset:", json.dumps(summary["feedback_dataset"]), file=sys.stderr, flush=True)
     # 4: retrain from the served adapter on feedback + the original tickets
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", [
         f"model.adapter={old}", f"output.registry={registry}", f"output.dir={work / 'runs'}",
@@ -160,6 +162,7 @@ def main() -> None:
     summary["retrain"] = {"new": new, "steps": trained["steps"], "wall_s": round(time.perf_counter() - t_train, 1),
                           "train_loss_last": trained["train_loss_last"],
                           "lineage": reg.get(new).manifest["lineage"]}
+    print("retrained:", json.dumps(summary["retrain"]), file=sys.stderr, flush=True)
     # 5: 50/50 A/B of old vs new on batch B
     summary["ab"] = serve_and_rate(registry, str(work / "logs"), "support-json-ab", batch_b, rollouts={
         "support-json-ab": [{"adapter": old, "weight": 0.5}, {"adapter": new, "weight": 0.5}]})

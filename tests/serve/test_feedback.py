@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,16 +18,11 @@ from fineray.serve.feedback import build_feedback_dataset
 from fineray.serve.requestlog import FEEDBACK, REQUESTS, read_table
 from fineray.train.datasets import DatasetRegistry
 from fineray.train.registry import AdapterRegistry
+from tests.serve.test_server import _free_port
 
 pytestmark = pytest.mark.integration
 
 ADMIN, SCOPED = "sk-admin-111111", "sk-alpha-111111"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +86,7 @@ def test_feedback_rejects_unknown_ids_foreign_keys_and_bad_bodies(server):
 
 def test_scripted_session_builds_sft_and_preference_records(server, tmp_path):
     # Prepare: a session of five responses (one streamed, two through the A/B rollout)
+    t0 = time.time()  # the window of this session (the module's other tests log responses too)
     p1, p2, p3, p4 = ("Mail maria@example.com my invoice", "Where is order 7?", "Refund order 9", "Cancel order 11")
     r1 = chat(server, SCOPED, "alpha", p1)
     r2, r3 = chat(server, ADMIN, "alpha", p2), chat(server, ADMIN, "beta", p2)
@@ -110,7 +105,7 @@ def test_scripted_session_builds_sft_and_preference_records(server, tmp_path):
                       (ADMIN, {"id": r4_id, "rating": 1}), (ADMIN, {"id": r5["id"], "rating": -1, "correction": "C5"})):
         assert rate(server, key, body).status_code == 200
     requests, feedback = wait_rows(server.logs, REQUESTS, 6), wait_rows(server.logs, FEEDBACK, 6)
-    version, counts = build_feedback_dataset(server.logs, str(tmp_path / "reg"), "fb", since_s=3600)
+    version, counts = build_feedback_dataset(server.logs, str(tmp_path / "reg"), "fb", since_s=time.time() - t0)
     # Assert: the log is redacted and labelled
     logged = {r["id"]: r for r in requests}
     assert "<EMAIL>" in logged[r1["id"]]["messages"] and "maria@" not in logged[r1["id"]]["messages"]
@@ -137,7 +132,7 @@ def test_scripted_session_builds_sft_and_preference_records(server, tmp_path):
 def test_feedback_shows_per_variant_in_metrics(server):
     from prometheus_client.parser import text_string_to_metric_families
 
-    rid = chat(server, ADMIN, "ab", "Is order 3 late?", user="user-m")
+    rid = chat(server, ADMIN, "ab", "Is order 3 late?", user="user-m")["id"]
     variant = chat(server, ADMIN, "ab", "Is order 3 late?", user="user-m")["model"]
     assert rate(server, ADMIN, {"id": rid, "rating": 0.5, "correction": "late"}).status_code == 200
 
@@ -153,7 +148,8 @@ def test_feedback_shows_per_variant_in_metrics(server):
         time.sleep(0.2)
     s = samples()
     assert s[("fineray_feedback_corrections_total", labels)] == 1
-    assert s[("fineray_feedback_rating_count", labels)] >= 1 and s[("fineray_feedback_rating_sum", labels)] >= 0.5
+    positive = frozenset({*labels, ("sentiment", "positive")})
+    assert s[("fineray_feedback_ratings_total", positive)] >= 1 and s[("fineray_feedback_rating_sum", labels)] >= 0.5
 
 
 def _records(root: Path, split: str) -> list[dict]:
