@@ -17,12 +17,11 @@ A reference `dataset:NAME[@vN][:SPLIT]` works wherever a data path does (`data.t
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,15 +208,3 @@ def publish_dataset(registry: str, name: str, splits: dict[str, Iterable[dict[st
         if audit is not None:
             manifest["audit"] = audit_summary(audit({s: str(Path(tmp) / s) for s in counts}))
         return DatasetRegistry(registry).publish(name, tmp, manifest)
-
-
-def iter_dataset(ref: str) -> Iterator[dict[str, Any]]:
-    """The records of a dataset reference (for tests and tools)."""
-    from fineray.train.data import iter_records
-
-    for rec, _ in iter_records(ref if ref.startswith(PREFIX) else PREFIX + ref):
-        yield rec
-
-
-def manifest_text(version: AdapterVersion) -> str:
-    return json.dumps({"ref": version.ref, "uri": version.uri, **version.manifest}, indent=2)
