@@ -77,6 +77,7 @@ def serve_and_rate(registry: str, logs: str, model: str, tickets: list, rollouts
 
     cfg = load_serve_config(None, {"registry": registry, "port": free_port(), "log_requests": logs,
                                    "log_flush_s": 1.0, "rollouts": rollouts or {}, "num_cpus_per_replica": 2,
+                                   "request_timeout_s": 1800,
                                    "ray": {"num_cpus": 2}, "batching": {"max_batch_size": 16}})
     t0 = time.perf_counter()
     handle = run_server(cfg, blocking=False)
@@ -95,9 +96,19 @@ def serve_and_rate(registry: str, logs: str, model: str, tickets: list, rollouts
         assert client.post("/v1/feedback", json=body).status_code == 200
         return {"variant": r["model"], "score": score}
 
+    # One variant's requests at a time (the rollout still picks each user's variant): with requests for two
+    # SmolLM2 adapters in flight at once the engine stalled on this machine (2026-12-03), see bench/RESULTS.md.
+    from fineray.serve.router import pick_variant
+
+    groups: dict[str, list[int]] = {}
+    for i in range(len(tickets)):
+        key = pick_variant(model, rollouts[model], f"user-{i}") if rollouts else model
+        groups.setdefault(key, []).append(i)
     t1 = time.perf_counter()
+    results = []
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(len(tickets))))
+        for idx in groups.values():
+            results += list(pool.map(one, idx))
     gen_s = time.perf_counter() - t1
     time.sleep(1.5)  # the ingress flushes metric events every 0.5 s
     metrics = client.get("/metrics").text
@@ -121,6 +132,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/feedback-loop")
     ap.add_argument("--per-batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--ab-only", metavar="NEW", help="Skip steps 1-4: A/B the served adapter against NEW.")
     args = ap.parse_args()
     from fineray.serve.feedback import build_feedback_dataset
     from fineray.train.config import load_config, validate_config
@@ -138,6 +150,10 @@ def main() -> None:
     summary: dict = {"old": old, "per_batch": args.per_batch}
     t = time.perf_counter()
 
+    if args.ab_only:
+        old = reg.get(args.ab_only).manifest["lineage"]["parent"]  # the adapter it was retrained from
+        summary.update(old=old, retrain={"new": args.ab_only, "lineage": reg.get(args.ab_only).manifest["lineage"]})
+        return _ab(summary, registry, work, old, args.ab_only, batch_b, t)
     # 1-2: serve the current adapter, rate batch A
     summary["batch_a"] = serve_and_rate(registry, str(work / "logs"), old, batch_a)
     print("batch A:", json.dumps(summary["batch_a"]["variants"]), file=sys.stderr, flush=True)
@@ -163,7 +179,11 @@ def main() -> None:
                           "train_loss_last": trained["train_loss_last"],
                           "lineage": reg.get(new).manifest["lineage"]}
     print("retrained:", json.dumps(summary["retrain"]), file=sys.stderr, flush=True)
-    # 5: 50/50 A/B of old vs new on batch B
+    _ab(summary, registry, work, old, new, batch_b, t)
+
+
+def _ab(summary: dict, registry: str, work: Path, old: str, new: str, batch_b: list, t: float) -> None:
+    """5: 50/50 A/B of old vs new on batch B; writes WORK/summary.json."""
     summary["ab"] = serve_and_rate(registry, str(work / "logs"), "support-json-ab", batch_b, rollouts={
         "support-json-ab": [{"adapter": old, "weight": 0.5}, {"adapter": new, "weight": 0.5}]})
     summary["total_s"] = round(time.perf_counter() - t, 1)
