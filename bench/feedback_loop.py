@@ -102,7 +102,7 @@ def serve_and_rate(registry: str, logs: str, model: str, tickets: list, rollouts
 
     groups: dict[str, list[int]] = {}
     for i in range(len(tickets)):
-        key = pick_variant(model, rollouts[model], f"user-{i}") if rollouts else model
+        key = pick_variant(model, [(v["adapter"], v["weight"]) for v in rollouts[model]], f"user-{i}") if rollouts else model
         groups.setdefault(key, []).append(i)
     t1 = time.perf_counter()
     results = []
