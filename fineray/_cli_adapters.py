@@ -37,14 +37,37 @@ def adapters_list(registry: str = typer.Option("adapters", help="Adapter registr
 
 @adapters_app.command("show")
 def adapters_show(ref: str, registry: str = typer.Option("adapters")) -> None:
-    """The manifest of an adapter version (`name` = latest, or `name@vN`)."""
+    """The manifest of an adapter version (`name` = latest, or `name@vN`), with its lineage chain
+    (`lineage_chain`: the datasets it was trained on, its parent adapters)."""
     from fineray.train.registry import RegistryError
 
     try:
-        v = _registry(registry).get(ref)
+        reg = _registry(registry)
+        v = reg.get(ref)
+        chain = _lineage(reg, v)
     except RegistryError as e:
         fail(str(e), 1)
-    console.print_json(json.dumps({"ref": v.ref, "uri": v.uri, **v.manifest}))
+    console.print_json(json.dumps({"ref": v.ref, "uri": v.uri, **v.manifest, "lineage_chain": " -> ".join(chain)}))
+
+
+def _lineage(reg: Any, version: Any) -> list[str]:
+    """Each adapter from the oldest ancestor to `version` with the datasets it was trained on, e.g.
+    `support-json@v1 (data: dataset:tickets@v1) -> support-json@v2 (data: dataset:tickets-feedback@v1)`."""
+    chain, seen, v = [], set(), version
+    while v is not None and v.ref not in seen:
+        seen.add(v.ref)
+        lin = v.manifest.get("lineage") or {}
+        data = lin.get("datasets") or []
+        chain.insert(0, v.ref + (f" (data: {', '.join('dataset:' + d for d in data)})" if data else ""))
+        parent = lin.get("parent")
+        if not parent:
+            break
+        try:
+            v = reg.get(parent)
+        except Exception:  # noqa: BLE001 - a folder or a removed version: show it and stop
+            chain.insert(0, str(parent))
+            v = None
+    return chain
 
 
 @adapters_app.command("rm")

@@ -21,7 +21,10 @@ def serve(registry: str | None = typer.Option(None, help="Adapter registry (path
           port: int | None = typer.Option(None, help="HTTP port (default 8000)."),
           api_keys_file: str | None = typer.Option(None, help="API keys file (YAML/JSON)."),
           device: str | None = typer.Option(None, help="auto | cpu | cuda"),
-          engine: str | None = typer.Option(None, help="auto | builtin | vllm (vLLM must be installed)")) -> None:
+          engine: str | None = typer.Option(None, help="auto | builtin | vllm (vLLM must be installed)"),
+          log_requests: str | None = typer.Option(None, "--log-requests",
+                                                  help="Log responses (PII-redacted, Parquet) to this folder or URI "
+                                                       "and accept POST /v1/feedback.")) -> None:
     """Serve registered adapters behind an OpenAI-compatible API on Ray Serve."""
     from fineray.serve import load_serve_config
     from fineray.serve.server import run_server
@@ -30,7 +33,7 @@ def serve(registry: str | None = typer.Option(None, help="Adapter registry (path
     try:
         cfg = load_serve_config(config, {"registry": registry, "base": base, "host": host, "port": port,
                                          "api_keys_file": api_keys_file, "device": device,
-                                         "engine": engine})
+                                         "engine": engine, "log_requests": log_requests})
         run_server(cfg, blocking=True)
     except (ConfigError, RuntimeError) as e:
         fail(str(e), 1)

@@ -23,7 +23,9 @@ def train(config: Path | None = typer.Argument(None, help="Run config YAML (defa
           overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
           no_eval: bool = typer.Option(False, "--no-eval", help="Skip the base-vs-tuned evaluation."),
           no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar."),
-          json_out: Path | None = typer.Option(None, "--json", help="Also write the summary here.")) -> None:
+          json_out: Path | None = typer.Option(None, "--json", help="Also write the summary here."),
+          no_data_checks: bool = typer.Option(False, "--no-data-checks",
+                                              help="Skip the quick data checks (duplicates, leakage, length).")) -> None:
     """Fine-tune a model on Ray Train (LoRA, DoRA, QLoRA or full)."""
     overrides = list(overrides or [])
     if config is not None and "=" in str(config):  # `fineray train key=value` with no config file
@@ -35,7 +37,8 @@ def train(config: Path | None = typer.Argument(None, help="Run config YAML (defa
     from fineray.train.launcher import TrainingError, run_train
 
     try:
-        summary = run_train(cfg, progress=not no_progress, evaluate=False if no_eval else None)
+        summary = run_train(cfg, progress=not no_progress, evaluate=False if no_eval else None,
+                            check_data=not no_data_checks)
     except (TrainingError, *user_errors()) as e:
         fail(str(e), 1)
     print_summary(summary)

@@ -64,7 +64,7 @@ EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 CONFIG_NAME = "config.yaml"
 #: The dashboard accepts packages up to 100 MiB; bigger data belongs on shared storage anyway.
 MAX_SHIPPED_DATA = 90 * 2**20
-_NAMES = ("fineray:", "embedded:", "tiny:", "hf:")
+_NAMES = ("fineray:", "embedded:", "tiny:", "hf:", "dataset:")
 _FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 

@@ -60,6 +60,7 @@ class _Call:
         self.target: Target | None = None
         self.prompt_tokens = self.completion_tokens = 0
         self.ttft: float | None = None
+        self.log_input: tuple[str, list[dict[str, str]] | None, str | None] | None = None  # key_id, messages, prompt
 
     def event(self, status: int, code: str | None = None) -> dict[str, Any]:
         t = self.target
@@ -73,7 +74,8 @@ class _Call:
 class ApiService:
     """Request handling of the ingress; `model` and `hub` are Serve deployment handles."""
 
-    def __init__(self, cfg_dict: dict[str, Any], source: tuple[str | None, dict[str, Any]], model: Any, hub: Any):
+    def __init__(self, cfg_dict: dict[str, Any], source: tuple[str | None, dict[str, Any]], model: Any, hub: Any,
+                 reqlog: Any = None):
         from transformers import AutoConfig
 
         from fineray.train.config import ModelConfig
@@ -88,6 +90,11 @@ class ApiService:
         self.max_context = int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 0) or 4096)
         self.vocab = len(self.tokenizer)
         self.model, self.hub = model, hub
+        self.reqlog = None
+        if reqlog is not None:  # `log_requests`: responses logged (redacted), feedback accepted
+            from fineray.serve.requestlog import LogClient
+
+            self.reqlog = LogClient(reqlog)
         self.buffer = EventBuffer()
         self._checked = time.monotonic()
         self._mtime = self._source_mtime()
@@ -232,10 +239,13 @@ class ApiService:
                 raise APIError(400, "Invalid 'response_format': structured output (json_object / json_schema) needs "
                                     "the vLLM engine on this server (serve.engine: vllm).", param="response_format",
                                code="unsupported_parameter")
+            call.log_input = (principal.key_id, messages, None)
             if req.stream:
                 return await self._stream(call, req, payload, chat=True)
             out = await self._generate(call, payload)
-            return JSONResponse(chat_response(new_id("chatcmpl"), self._served(call), out["choices"],
+            rid = new_id("chatcmpl")
+            await self._log(call, rid, out["choices"])
+            return JSONResponse(chat_response(rid, self._served(call), out["choices"],
                                               usage(call.prompt_tokens, call.completion_tokens),
                                               self.fingerprint))
         except APIError as e:
@@ -263,17 +273,41 @@ class ApiService:
             payload = self._payload(req, prompts, max_tokens)
             if req.echo:
                 payload["echo"] = [self.tokenizer.decode(p) for p in prompts]
+            if self.reqlog is not None:
+                call.log_input = (principal.key_id, None, "\n".join(self.tokenizer.decode(p) for p in prompts))
             if req.stream:
                 return await self._stream(call, req, payload, chat=False)
             out = await self._generate(call, payload)
             for c in out["choices"]:
                 if req.echo:
                     c["text"] = payload["echo"][c["index"] // req.n] + c["text"]
-            return JSONResponse(completion_response(new_id("cmpl"), self._served(call), out["choices"],
+            rid = new_id("cmpl")
+            await self._log(call, rid, out["choices"])
+            return JSONResponse(completion_response(rid, self._served(call), out["choices"],
                                                     usage(call.prompt_tokens, call.completion_tokens),
                                                     self.fingerprint))
         except APIError as e:
             return self._error(call, e)
+
+    async def feedback(self, request: Request) -> Response:
+        """`POST /v1/feedback {"id", "rating", "correction"?}` on a logged response (see `serve.requestlog`)."""
+        call = _Call("feedback")
+        try:
+            principal = self._principal(request)
+            if self.reqlog is None:
+                raise APIError(404, "Feedback needs the request log: start the server with --log-requests URI.",
+                               code="feedback_disabled")
+            body = await self._json(request)
+            out = await self.reqlog.feedback(body, principal.key_id)
+            self.buffer.add({"event": "feedback", **out})
+            return JSONResponse({"object": "feedback", "id": body["id"], "status": "recorded"})
+        except APIError as e:
+            return self._error(call, e)
+
+    async def _log(self, call: _Call, rid: str, choices: list[dict[str, Any]]) -> None:
+        if self.reqlog is not None and call.log_input is not None:
+            key_id, messages, prompt = call.log_input
+            await self.reqlog.record(call, rid, key_id, messages, prompt, choices)
 
     async def metrics(self) -> Response:
         await self.flush()
@@ -327,6 +361,8 @@ class ApiService:
         rid, created, model = new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self._served(call)
         choices = len(payload["prompts"]) * req.n
         status, code = 200, None
+        texts: dict[int, list[str]] = {i: [] for i in range(choices)}  # for the request log
+        finish: dict[int, str] = {}
         try:
             for i in range(choices):
                 if chat:
@@ -343,6 +379,7 @@ class ApiService:
                         yield SSE_DONE
                         return
                     if it["text"]:
+                        texts[it["index"]].append(it["text"])
                         if call.ttft is None:
                             call.ttft = time.perf_counter() - call.t0
                         yield sse(chat_chunk(rid, created, model, it["index"], {"content": it["text"]},
@@ -350,6 +387,7 @@ class ApiService:
                                   completion_chunk(rid, created, model, it["index"], it["text"],
                                                    fingerprint=self.fingerprint))
                     if it["finish_reason"]:
+                        finish[it["index"]] = it["finish_reason"]
                         call.completion_tokens += it["tokens"]
                         yield sse(chat_chunk(rid, created, model, it["index"], {}, it["finish_reason"],
                                              fingerprint=self.fingerprint) if chat else
@@ -359,6 +397,8 @@ class ApiService:
                 chunk = (chat_chunk if chat else completion_chunk)(rid, created, model, 0, {} if chat else "")
                 chunk["choices"], chunk["usage"] = [], usage(call.prompt_tokens, call.completion_tokens)
                 yield sse(chunk)
+            await self._log(call, rid, [{"index": i, "text": "".join(t), "finish_reason": finish.get(i)}
+                                        for i, t in texts.items()])
             yield SSE_DONE
         except asyncio.CancelledError:
             status, code = 499, "client_closed_request"  # nginx's code for a client that went away

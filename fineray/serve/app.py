@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -300,10 +301,11 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 class OpenAIIngress:
     """The HTTP front: see `fineray.serve.api.ApiService`."""
 
-    def __init__(self, cfg_dict: dict[str, Any], source: tuple[str | None, dict[str, Any]], model: Any, hub: Any):
+    def __init__(self, cfg_dict: dict[str, Any], source: tuple[str | None, dict[str, Any]], model: Any, hub: Any,
+                 reqlog: Any = None):
         from fineray.serve.api import ApiService
 
-        self.api = ApiService(cfg_dict, source, model, hub)
+        self.api = ApiService(cfg_dict, source, model, hub, reqlog)
 
     @fastapi_app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
@@ -320,6 +322,10 @@ class OpenAIIngress:
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self.api.completions(request)
+
+    @fastapi_app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> Response:
+        return await self.api.feedback(request)
 
     @fastapi_app.get("/metrics")
     async def metrics(self) -> Response:
@@ -368,9 +374,16 @@ def build_application(cfg: ServeConfig) -> Any:
     cfg_dict = cfg.to_dict()
     hub = MetricsHub.bind()
     model = ModelServer.options(**model_opts).bind(cfg_dict, hub)
+    extra = []
+    if cfg.log_requests:  # opt-in request log + feedback (fineray.serve.requestlog)
+        from fineray.cluster.storage import is_remote
+        from fineray.serve.requestlog import RequestLog
+
+        uri = cfg.log_requests if is_remote(cfg.log_requests) else str(Path(cfg.log_requests).expanduser().resolve())
+        extra.append(RequestLog.bind(uri, cfg.log_flush_s))
     return OpenAIIngress.options(num_replicas=cfg.ingress_replicas,
                                  graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s).bind(
-        cfg_dict, cfg.source, model, hub)
+        cfg_dict, cfg.source, model, hub, *extra)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Any:

@@ -34,10 +34,12 @@ def hash_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a key's label and the models it may use (`None` = everything)."""
+    """Who is calling: a key's label, the models it may use (`None` = everything), and `key_id` (the first 16
+    hex digits of the key's sha256; empty without keys) that owns its responses in the request log."""
 
     name: str
     allowed: frozenset[str] | None
+    key_id: str = ""
 
     def allows(self, model: str, adapter_name: str | None = None) -> bool:
         """May this caller use `model` (a requested name), whose adapter name is `adapter_name`?"""
@@ -124,7 +126,7 @@ class KeyStore:
         table = {}
         for i, e in enumerate(entries):
             digest = (e.sha256 or hash_key(e.key or "")).lower()
-            table[digest] = Principal(e.name or f"key-{i}", frozenset(e.adapters))
+            table[digest] = Principal(e.name or f"key-{i}", frozenset(e.adapters), digest[:16])
         self._cfg, self._keys = cfg, table
 
     def maybe_reload(self, cfg: ServeConfig | None = None) -> None:

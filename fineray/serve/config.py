@@ -205,6 +205,9 @@ class ServeConfig(_Section):
         engine: `builtin` (fineray's engine), `vllm`, or `auto`: vLLM when it is installed and replicas use a
             GPU, else builtin (on CPU the built-in engine is the faster one with adapters).
         builtin / vllm: settings of each engine.
+        log_requests: storage URI or folder for the request log (opt-in): every response, PII-redacted, with
+            its id, adapter, rollout variant and key, as Parquet; enables `POST /v1/feedback`.
+        log_flush_s: how often logged responses and feedback are written out (seconds).
     """
 
     base: str = EMBEDDED_MODEL
@@ -234,6 +237,8 @@ class ServeConfig(_Section):
     engine: Literal["auto", "builtin", "vllm"] = "auto"
     builtin: BuiltinEngineConfig = BuiltinEngineConfig()
     vllm: VllmConfig = VllmConfig()
+    log_requests: str | None = None
+    log_flush_s: float = Field(5.0, gt=0)
 
     # Where the config came from, so the ingress can re-read it (rollouts, keys, limits) without a restart.
     _source_path: str | None = PrivateAttr(None)

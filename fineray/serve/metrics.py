@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["CONTENT_TYPE", "EventBuffer", "ServeMetrics", "request_event"]
 
@@ -47,6 +47,16 @@ class ServeMetrics:
                                     buckets=_ROWS, registry=r)
         self.batch_adapters = Histogram("fineray_batch_adapters", "Distinct adapters (base counts) per forward pass",
                                         ["kind"], buckets=_ROWS, registry=r)
+        # Feedback (`POST /v1/feedback`) per adapter version and rollout variant: ratings in [-1, 1] counted
+        # by sign and summed (mean rating = rating_sum / ratings), and how many came with a correction. (A
+        # histogram would not do: Prometheus clients drop `_sum` when a bucket bound is negative.)
+        fv = [*av, "rollout", "variant"]
+        self.feedback = Counter("fineray_feedback_ratings", "Feedback ratings by sign", [*fv, "sentiment"],
+                                registry=r)
+        self.rating_sum = Gauge("fineray_feedback_rating_sum", "Sum of feedback ratings (-1 bad .. 1 good)", fv,
+                                registry=r)
+        self.corrections = Counter("fineray_feedback_corrections", "Feedback that came with a correction", fv,
+                                   registry=r)
         self.step_seconds = Histogram("fineray_forward_seconds", "Forward pass time", ["kind"],
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
                                       registry=r)
@@ -74,6 +84,15 @@ class ServeMetrics:
             elif kind == "load":
                 self.loads.labels(*av).inc()
                 self.load_seconds.labels(*av).observe(e.get("seconds", 0.0))
+            elif kind == "feedback":
+                v = e.get("version")
+                labels = (e.get("adapter", "-"), f"v{v}" if v else "", e.get("rollout") or "", e.get("variant") or "")
+                rating = float(e["rating"])
+                sentiment = "positive" if rating > 0 else "negative" if rating < 0 else "neutral"
+                self.feedback.labels(*labels, sentiment).inc()
+                self.rating_sum.labels(*labels).inc(rating)
+                if e.get("correction"):
+                    self.corrections.labels(*labels).inc()
             elif kind == "evict":
                 self.evictions.labels(*av).inc()
             elif kind == "steps":  # aggregated forward passes: [(kind, rows, adapters, seconds), ...]

@@ -55,6 +55,7 @@ class ServerHandle:
         from ray import serve
 
         try:
+            _flush_request_log()
             serve.shutdown()
         finally:
             if self.started_ray:
@@ -119,6 +120,20 @@ def run_server(cfg: ServeConfig, *, blocking: bool = True, ready_timeout_s: floa
         log.info("shutting down (draining for up to %.0f s)", cfg.graceful_shutdown_timeout_s)
         handle.shutdown()
     return handle
+
+
+def _flush_request_log() -> None:
+    """Write the request log's pending rows before Serve stops (`log_requests` only; best effort)."""
+    from ray import serve
+
+    from fineray.serve.app import APP_NAME
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and "RequestLog" in app.deployments:
+            serve.get_deployment_handle("RequestLog", APP_NAME).flush.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - shutting down anyway; RequestLog.__del__ tries once more
+        log.warning("could not flush the request log", exc_info=True)
 
 
 def _wait_ready(app: str, timeout_s: float) -> None:

@@ -404,7 +404,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
 
 
 def _is_uri_or_name(p: str) -> bool:
-    return "://" in p or p.startswith(("fineray:", "embedded:", "tiny:", "hf:"))
+    return "://" in p or p.startswith(("fineray:", "embedded:", "tiny:", "hf:", "dataset:"))
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "Example",
     "BUILTIN_DATASETS",
     "read_records",
+    "iter_records",
     "detect_format",
     "to_example",
     "load_examples",
@@ -62,6 +64,10 @@ BUILTIN_DATASETS: dict[str, str] = {
 def _resolve(path: str) -> Path | None:
     if path in BUILTIN_DATASETS:
         return _builtin(BUILTIN_DATASETS[path])
+    if path.startswith("dataset:"):  # a versioned dataset in the registry (`fineray data prepare`)
+        from fineray.train.datasets import resolve_dataset
+
+        return resolve_dataset(path)
     if path.startswith("fineray:"):
         raise DataError(f"unknown built-in dataset {path!r}; known: {sorted(BUILTIN_DATASETS)}")
     p = Path(path).expanduser()
@@ -75,22 +81,32 @@ def _resolve(path: str) -> Path | None:
 
 
 def read_records(path: str) -> list[tuple[dict[str, Any], str]]:
-    """Read raw records with their location ("file:line").
+    """Read raw records with their location ("file:line"): `list(iter_records(path))`."""
+    return list(iter_records(path))
 
-    Supports .jsonl, .json (array), .csv, .parquet, built-in `fineray:` names and `datasets` hub ids
-    (`owner/name` or `owner/name:split`).
+
+def iter_records(path: str, batch_rows: int = 8192) -> Iterator[tuple[dict[str, Any], str]]:
+    """Stream raw records with their location ("file:line"), never holding a whole file (except .json arrays).
+
+    Supports .jsonl, .json (array), .csv, .parquet, a folder of .parquet parts, built-in `fineray:` names,
+    registry datasets (`dataset:NAME[@vN][/SPLIT]`) and `datasets` hub ids (`owner/name` or `owner/name:split`).
+    A .jsonl line that is not JSON is yielded as `{"__error__": ...}` so callers can name it or skip it.
+
+    Args:
+        batch_rows: Parquet rows decoded at a time.
 
     Raises:
-        DataError: missing file, unparsable line (named by file and line), unreachable hub dataset.
+        DataError: missing file, unparsable .json, unreachable hub dataset.
     """
     p = _resolve(path)
     if p is None:
-        return _read_hub(path)
-    if p.is_dir():
+        yield from _read_hub(path)
+        return
+    parts = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    if p.is_dir() and not parts:
         raise DataError(f"{p} is a directory; give a .jsonl, .json, .csv or .parquet file")
-    suffix = p.suffix.lower()
+    suffix = p.suffix.lower() if p.is_file() else ".parquet"
     if suffix == ".jsonl":
-        out = []
         with p.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -98,11 +114,10 @@ def read_records(path: str) -> list[tuple[dict[str, Any], str]]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    out.append(({"__error__": f"invalid JSON ({e.msg} at column {e.colno})"}, f"{p}:{n}"))
+                    yield {"__error__": f"invalid JSON ({e.msg} at column {e.colno})"}, f"{p}:{n}"
                     continue
-                out.append((rec, f"{p}:{n}"))
-        return out
-    if suffix == ".json":
+                yield rec, f"{p}:{n}"
+    elif suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -111,17 +126,22 @@ def read_records(path: str) -> list[tuple[dict[str, Any], str]]:
             data = data["data"]
         if not isinstance(data, list):
             raise DataError(f"{p}: a .json data file must hold a list of records")
-        return [(rec, f"{p}[{i}]") for i, rec in enumerate(data)]
-    if suffix == ".csv":
+        yield from ((rec, f"{p}[{i}]") for i, rec in enumerate(data))
+    elif suffix == ".csv":
         with p.open(encoding="utf-8", newline="") as f:
             # Line numbers count the header as line 1, as a spreadsheet shows them.
-            return [(dict(row), f"{p}:{i + 2}") for i, row in enumerate(csv.DictReader(f))]
-    if suffix == ".parquet":
+            yield from ((dict(row), f"{p}:{i + 2}") for i, row in enumerate(csv.DictReader(f)))
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(p).to_pylist()
-        return [(rec, f"{p}[row {i}]") for i, rec in enumerate(rows)]
-    raise DataError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+        for part in parts:
+            i = 0
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows):
+                for rec in batch.to_pylist():  # a null cell is a key the record did not have
+                    yield {k: v for k, v in rec.items() if v is not None}, f"{part}[row {i}]"
+                    i += 1
+    else:
+        raise DataError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
 def _read_hub(name: str) -> list[tuple[dict[str, Any], str]]:

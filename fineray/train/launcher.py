@@ -164,11 +164,18 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, ckpt_dir: Path, wall_s: flo
 
 
 def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = None,
-              callbacks: list[Any] | None = None) -> dict[str, Any]:
+              callbacks: list[Any] | None = None, check_data: bool = True) -> dict[str, Any]:
     """Fine-tune per `cfg` on Ray Train; write the run directory; register the adapter; return the summary.
 
     Re-running with the same `output.dir` + `output.name` resumes from the run's latest checkpoint.
+
+    Args:
+        check_data: run the cheap data checks first (exact duplicates, leakage, length overflow) and print
+            one warning line with their counts on stderr.
     """
+    from fineray.train.datasets import pin_dataset_refs
+
+    datasets = pin_dataset_refs(cfg)  # `dataset:` refs -> one registry and version for every worker
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -177,6 +184,7 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
     from fineray.train.model import resolve_base
 
     load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named) before any worker starts
+    data_check = _check_data(cfg) if check_data else None
     from fineray.train.preflight import format_plan, plan_run
 
     plan = plan_run(cfg)  # known-bad combinations and the memory estimate, before any GPU is allocated
@@ -222,17 +230,42 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         metrics = {k: summary[k] for k in ("val_loss", "train_loss_last", "steps", "tokens_per_s")}
         if summary["tuned_metrics"]:
             metrics.update({k: v for k, v in summary["tuned_metrics"].items() if isinstance(v, (int, float))})
+        lineage = {"run_dir": str(run_dir), "datasets": datasets, "parent": _parent_ref(cfg)}
         version = reg.register(_registry_name(cfg), summary["weights_dir"], base_model=cfg.model.base,
                                method=cfg.method, hyperparameters=hp, dataset_fingerprint=dataset_fingerprint(cfg),
-                               metrics=metrics, lineage={"run_dir": str(run_dir)})
+                               metrics=metrics, lineage=lineage)
         summary["registry_ref"] = version.ref
         summary["registry_uri"] = version.uri
+    summary["data_check"] = data_check
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if remote:
         fs, path = storage.open_fs(ray_storage)
         storage.upload_dir(run_dir, fs, path)
         summary["run_dir"] = ray_storage
     return summary
+
+
+def _check_data(cfg: RunConfig) -> dict[str, Any]:
+    """The cheap audit (`fineray.train.audit.quick_check`); its warning line goes to stderr."""
+    import sys
+
+    from fineray.train.audit import quick_check
+    from fineray.train.model import load_tokenizer, resolve_base
+
+    report, warning = quick_check(cfg, load_tokenizer(cfg.model, resolve_base(cfg.model.base)))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    train = report["splits"]["train"]
+    return {"exact_duplicates": report["totals"]["exact_duplicates"], "leakage": report["totals"]["leakage"],
+            "over_max_seq_len": train.get("over_max_seq_len"), "records": train["records"]}
+
+
+def _parent_ref(cfg: RunConfig) -> str | None:
+    """The adapter this run continued from: `name@vN` for a registry reference, else its folder."""
+    ref = cfg.model.adapter
+    if not ref or Path(ref).expanduser().is_dir():
+        return ref
+    return AdapterRegistry(cfg.output.registry).get(ref).ref
 
 
 def _registry_name(cfg: RunConfig) -> str:

@@ -80,7 +80,13 @@ class AdapterVersion:
 
 
 class AdapterRegistry:
-    """A folder (local or remote) of named, versioned adapters."""
+    """A folder (local or remote) of named, versioned adapters.
+
+    Subclasses keep other artefacts with the same versioning and atomic publish (`DatasetRegistry` in
+    `fineray.train.datasets`); `kind` names them in errors.
+    """
+
+    kind = "adapter"
 
     def __init__(self, root: str):
         self.root = root
@@ -111,13 +117,13 @@ class AdapterRegistry:
         name, ver = parse_ref(ref)
         versions = self.versions(name)
         if not versions:
-            raise RegistryError(f"no adapter named {name!r} in registry {self.root}")
+            raise RegistryError(f"no {self.kind} named {name!r} in registry {self.root}")
         if ver is None:
             return versions[-1]
         for v in versions:
             if v.version == ver:
                 return v
-        raise RegistryError(f"adapter {name!r} has no version {ver} (has {[v.version for v in versions]})")
+        raise RegistryError(f"{self.kind} {name!r} has no version {ver} (has {[v.version for v in versions]})")
 
     def local_path(self, ref: str) -> Path:
         """A local folder holding the adapter files (downloaded to the cache for remote registries)."""
@@ -148,18 +154,23 @@ class AdapterRegistry:
                  hyperparameters: dict[str, Any] | None = None, dataset_fingerprint: str | None = None,
                  metrics: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None) -> AdapterVersion:
         """Publish the files of `src_dir` as the next version of `name`."""
+        return self.publish(name, src_dir, {
+            "base_model": base_model, "method": method, "hyperparameters": hyperparameters or {},
+            "dataset_fingerprint": dataset_fingerprint, "metrics": metrics or {},
+            "lineage": lineage or {},
+        })
+
+    def publish(self, name: str, src_dir: str | Path, fields: dict[str, Any]) -> AdapterVersion:
+        """Publish the files of `src_dir` as the next version of `name`, with `fields` in its manifest (plus
+        name, created time and the sha256 of every file). Atomic: staged, then renamed into place."""
         validate_name(name)
         src = Path(src_dir)
         files = {p.relative_to(src).as_posix(): sha256_file(p) for p in sorted(src.rglob("*"))
                  if p.is_file() and p.name != MANIFEST}
         if not files:
             raise RegistryError(f"nothing to register: {src} has no files")
-        manifest = {
-            "name": name, "base_model": base_model, "method": method,
-            "hyperparameters": hyperparameters or {}, "dataset_fingerprint": dataset_fingerprint,
-            "metrics": _jsonable(metrics or {}), "lineage": lineage or {},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
-        }
+        manifest = {"name": name, **_jsonable(fields),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
         stage = f"{self.path}/{name}/.stage-{uuid.uuid4().hex}"
         storage.upload_dir(src, self.fs, stage)
         storage.atomic_write_bytes(self.fs, f"{stage}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
@@ -181,7 +192,7 @@ class AdapterRegistry:
         name, ver = parse_ref(ref)
         targets = [self.get(ref)] if ver is not None else self.versions(name)
         if not targets:
-            raise RegistryError(f"no adapter named {name!r} in registry {self.root}")
+            raise RegistryError(f"no {self.kind} named {name!r} in registry {self.root}")
         for v in targets:
             storage.remove_tree(self.fs, f"{self.path}/{v.name}/v{v.version}")
         return targets

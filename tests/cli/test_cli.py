@@ -21,8 +21,10 @@ def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.mark.integration
 def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path):
+    # Train from a versioned dataset (`fineray data prepare` -> dataset:nums@v1); the adapter records it.
+    run("data", "prepare", str(alpaca_file), "--name", "nums", "--registry", "reg", "--no-progress", cwd=tmp_path)
     cfg = tmp_path / "my.yaml"
-    cfg.write_text(f"model: {{base: 'tiny:llama'}}\ndata: {{train: {alpaca_file}, validation: 0.2}}\n"
+    cfg.write_text("model: {base: 'tiny:llama'}\ndata: {train: 'dataset:nums', validation: 0.2}\n"
                    "train: {max_steps: 4, eval_every: 2, batch_size: 4, lr: 0.01}\n"
                    "output: {dir: runs, registry: reg, name: cli-run}\n"
                    f"eval: {{data: {alpaca_file}, max_examples: 3, max_new_tokens: 4, metrics: [exact_match]}}\n")
@@ -36,6 +38,7 @@ def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path):
     assert "cli-run@v1" in listing and "tiny:llama" in listing
     shown = json.loads(run("adapters", "show", "cli-run", "--registry", "reg", cwd=tmp_path).stdout)
     assert shown["hyperparameters"]["lora"]["r"] == 4 and shown["ref"] == "cli-run@v1"
+    assert shown["lineage"]["datasets"] == ["nums@v1"] and shown["lineage_chain"] == "cli-run@v1 (data: dataset:nums@v1)"
 
     ev = run("eval", str(cfg), "--adapter", "cli-run", "eval.general_text=null", cwd=tmp_path).stdout
     assert "base" in ev and "tuned" in ev
