@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from ray import serve
 
@@ -29,7 +29,7 @@ REQUESTS, FEEDBACK = "requests", "feedback"
 _INDEX_COLUMNS = ["id", "key_id", "adapter", "version", "rollout", "variant"]
 
 
-def read_table(uri: str, table: str, columns: Optional[list[str]] = None) -> list[dict[str, Any]]:
+def read_table(uri: str, table: str, columns: list[str] | None = None) -> list[dict[str, Any]]:
     """Every row of a log table (`requests` or `feedback`) under `uri`, oldest part first."""
     import pyarrow.parquet as pq
 
@@ -61,7 +61,7 @@ def _write_part(uri: str, table: str, rows: list[dict[str, Any]]) -> None:
 class FeedbackItem:
     """A validated feedback body."""
 
-    def __init__(self, id: str, rating: float, correction: Optional[str], index: int):
+    def __init__(self, id: str, rating: float, correction: str | None, index: int):
         self.id, self.rating, self.correction, self.index = id, rating, correction, index
 
 
@@ -96,7 +96,7 @@ class RequestLog:
         self.index: dict[str, tuple] = {}
         for row in read_table(uri, REQUESTS, _INDEX_COLUMNS):
             self.index[row["id"]] = tuple(row[c] for c in _INDEX_COLUMNS[1:])
-        self._flusher: Optional[asyncio.Task] = None
+        self._flusher: asyncio.Task | None = None
         log.info("request log %s: %d responses indexed", uri, len(self.index))
 
     def _start(self) -> None:
@@ -148,7 +148,7 @@ class RequestLog:
                 try:
                     _write_part(self.uri, table, part)
                 except Exception:  # noqa: BLE001 - shutting down: nothing else to do
-                    pass
+                    log.debug("request log part lost at shutdown", exc_info=True)
 
 
 class LogClient:
@@ -157,13 +157,13 @@ class LogClient:
     def __init__(self, handle: Any):
         self.handle = handle
 
-    async def record(self, call: Any, rid: str, key_id: str, messages: Optional[list[dict[str, str]]],
-                     prompt: Optional[str], choices: list[dict[str, Any]]) -> None:
+    async def record(self, call: Any, rid: str, key_id: str, messages: list[dict[str, str]] | None,
+                     prompt: str | None, choices: list[dict[str, Any]]) -> None:
         """Log one response (all its choices), PII-redacted, before its id reaches the client."""
         from fineray.train.pii import redact
 
         t = call.target
-        red = lambda s: None if s is None else redact(s)[0]  # noqa: E731
+        red = lambda s: None if s is None else redact(s)[0]
         texts = [red(c.get("text", "")) for c in sorted(choices, key=lambda c: c["index"])]
         row = {
             "id": rid, "created": time.time(), "endpoint": call.endpoint, "key_id": key_id,
@@ -178,7 +178,7 @@ class LogClient:
         }
         try:
             await self.handle.record.remote([row])
-        except Exception:  # noqa: BLE001 - logging must never fail a request
+        except Exception:
             log.warning("request log unreachable; response %s not logged", rid, exc_info=True)
 
     async def feedback(self, body: Any, key_id: str) -> dict[str, Any]:

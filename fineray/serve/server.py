@@ -132,7 +132,7 @@ def _flush_request_log() -> None:
         app = serve.status().applications.get(APP_NAME)
         if app is not None and "RequestLog" in app.deployments:
             serve.get_deployment_handle("RequestLog", APP_NAME).flush.remote().result(timeout_s=30)
-    except Exception:  # noqa: BLE001 - shutting down anyway; RequestLog.__del__ tries once more
+    except Exception:
         log.warning("could not flush the request log", exc_info=True)
 
 
