@@ -28,7 +28,7 @@ __all__ = [
     "load_train_val",
 ]
 
-FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text")
+FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference")
 
 
 class DataError(ValueError):
@@ -37,12 +37,14 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    """One normalised training example."""
+    """One normalised training example. A preference pair is a conversation ending in the chosen response,
+    with the rejected response beside it (`rejected`); supervised objectives train on the chosen one."""
 
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    rejected: str | None = None
 
 
 def _builtin(name: str) -> Path:
@@ -56,6 +58,11 @@ BUILTIN_DATASETS: dict[str, str] = {
     "fineray:support-tickets/val": "support_tickets_val.jsonl",
     "fineray:support-tickets/test": "support_tickets_test.jsonl",
     "fineray:general-text": "general_text.jsonl",
+    # preference pairs of the same tickets: the correct JSON answer over a corrupted one
+    "fineray:support-pairs": "support_pairs_train.jsonl",
+    "fineray:support-pairs/train": "support_pairs_train.jsonl",
+    "fineray:support-pairs/val": "support_pairs_val.jsonl",
+    "fineray:support-pairs/test": "support_pairs_test.jsonl",
 }
 
 
@@ -140,6 +147,8 @@ def _read_hub(name: str) -> list[tuple[dict[str, Any], str]]:
 
 def detect_format(record: dict[str, Any]) -> str:
     """Guess a record's format from its keys."""
+    if "chosen" in record and "rejected" in record:  # before `messages`: UltraFeedback rows carry both
+        return "preference"
     if "messages" in record:
         return "chat"
     if "conversations" in record:
@@ -152,7 +161,7 @@ def detect_format(record: dict[str, Any]) -> str:
         return "text"
     raise DataError(
         f"cannot detect the format from keys {sorted(record)}; expected one of messages | conversations | "
-        "instruction+output | prompt+completion | text (or set data.format)"
+        "instruction+output | prompt+completion | text | chosen+rejected (or set data.format)"
     )
 
 
@@ -178,6 +187,10 @@ def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = Non
         fmt = detect_format(record)
     if fmt == "text":
         return Example(text=_need_str(record, "text"))
+    if fmt == "preference":
+        from fineray.train.pairs import preference_example
+
+        return preference_example(record, system_prompt, task_prefix)
     if fmt == "alpaca":
         instr, out = _need_str(record, "instruction"), _need_str(record, "output")
         inp = record.get("input") or ""
