@@ -41,14 +41,24 @@ def generate(model: str | None = typer.Option(None, "--model", help="Adapter nam
              base: str | None = typer.Option(None, help="Base model (default: the adapter's manifest)."),
              num_workers: int = typer.Option(2, help="Ray Data workers."),
              max_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0),
-             batch_size: int = typer.Option(16), use_gpu: bool = typer.Option(False, "--gpu")) -> None:
-    """Offline batch generation with Ray Data across workers."""
-    from fineray.serve import generate_offline
-
+             batch_size: int = typer.Option(16), use_gpu: bool = typer.Option(False, "--gpu"),
+             critique: Path | None = typer.Option(None, "--critique", help="Constitution YAML: answer, critique "
+                                                  "and revise each prompt; --output gets preference pairs."),
+             sft_output: Path | None = typer.Option(None, "--sft-output", help="With --critique: where the SFT "
+                                                    "data (revisions) goes (default: OUTPUT stem + .sft.jsonl).")) -> None:
+    """Offline batch generation with Ray Data across workers (or self-critique data with --critique)."""
     try:
-        stats = generate_offline(model, input, output, registry=registry, base=base, num_workers=num_workers,
-                                 max_tokens=max_tokens, temperature=temperature, batch_size=batch_size,
-                                 use_gpu=use_gpu)
+        if critique is not None:
+            from fineray.serve.critique import generate_critique
+
+            stats = generate_critique(critique, model, input, output, sft_output, registry=registry, base=base,
+                                      num_workers=num_workers, batch_size=batch_size, use_gpu=use_gpu)
+        else:
+            from fineray.serve import generate_offline
+
+            stats = generate_offline(model, input, output, registry=registry, base=base, num_workers=num_workers,
+                                     max_tokens=max_tokens, temperature=temperature, batch_size=batch_size,
+                                     use_gpu=use_gpu)
     except (ValueError, RuntimeError, *user_errors()) as e:
         fail(str(e), 1)
     console.print_json(json.dumps(stats, default=str))

@@ -44,7 +44,7 @@ __all__ = [
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 #: Training objectives: supervised (`sft`), the DPO family on preference pairs, and a Bradley-Terry reward model.
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "reward")
-_FORMATS = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text", "preference"]
+_FORMATS = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt"]
 
 
 class ConfigError(ValueError):

@@ -28,7 +28,7 @@ __all__ = [
     "load_train_val",
 ]
 
-FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference")
+FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt")
 
 
 class DataError(ValueError):
@@ -159,9 +159,11 @@ def detect_format(record: dict[str, Any]) -> str:
         return "completion"
     if "text" in record:
         return "text"
+    if "prompt" in record:  # a prompt without an answer: RL prompts (GRPO)
+        return "prompt"
     raise DataError(
         f"cannot detect the format from keys {sorted(record)}; expected one of messages | conversations | "
-        "instruction+output | prompt+completion | text | chosen+rejected (or set data.format)"
+        "instruction+output | prompt+completion | text | chosen+rejected | prompt (or set data.format)"
     )
 
 
@@ -191,6 +193,17 @@ def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = Non
         from fineray.train.pairs import preference_example
 
         return preference_example(record, system_prompt, task_prefix)
+    if fmt == "prompt":  # no response to learn from: the record's other columns go to the reward functions
+        p = record.get("prompt")
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise DataError("field 'prompt' must be a string or a non-empty list of {role, content} messages")
+        msgs = [dict(m) for m in msgs]
+        if system_prompt and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        return Example(messages=msgs, meta={"record": record})
     if fmt == "alpaca":
         instr, out = _need_str(record, "instruction"), _need_str(record, "output")
         inp = record.get("input") or ""

@@ -12,11 +12,14 @@ Run directory (`output.dir/output.name`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +77,27 @@ def dataset_fingerprint(cfg: RunConfig) -> str:
 
 
 def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = None, board: Any = None,
-                 storage_path: str | None = None, callbacks: list[Any] | None = None) -> Any:
-    """A Ray Train `TorchTrainer` for this config (workers, resources, storage, retries, checkpoints)."""
+                 storage_path: str | None = None, callbacks: list[Any] | None = None,
+                 entry: Callable[[dict[str, Any]], None] | None = None,
+                 extra_config: dict[str, Any] | None = None) -> Any:
+    """A Ray Train `TorchTrainer` for this config (workers, resources, storage, retries, checkpoints).
+
+    `entry` replaces the training loop's worker function (GRPO's loop) and `extra_config` adds entries to
+    its `train_loop_config` (actor handles). Preference runs that need precomputed reference log-probs get
+    them here, from one Ray Data pass, so sweeps and single runs share it.
+    """
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fineray.train.loop import ray_worker_entry
+    from fineray.train.reference import needs_precomputed_reference, precompute_reference
+
+    adapter_path = adapter_path or resolve_adapter(cfg)  # sweeps pass none: their trials continue it too
+    loop_config = {"run": cfg.to_dict(), "adapter_path": adapter_path, "progress_board": board,
+                   **(extra_config or {})}
+    if needs_precomputed_reference(cfg):
+        loop_config["reference_logps"] = ray.put(precompute_reference(cfg, adapter_path))
 
     # Ray Train V2 patches `print` in its workers to log through its logger *and* (because Ray wraps the
     # worker's stdout) print again: every step line reached the console twice. The trainer passes this
@@ -90,8 +108,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = No
     if not sc.use_gpu:
         resources.setdefault("CPU", 1)
     return TorchTrainer(
-        ray_worker_entry,
-        train_loop_config={"run": cfg.to_dict(), "adapter_path": adapter_path, "progress_board": board},
+        entry or ray_worker_entry,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources or None),
@@ -152,14 +170,23 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, ckpt_dir: Path, wall_s: flo
         "data": {k[5:]: v for k, v in final_metrics.items() if k.startswith("data_")},
         "diagnostics": diagnose(history), "weights_dir": str(dest),
     }
+    evals = [r for r in history if "val_loss" in r]
+    if evals and cfg.objective != "sft":  # the preference metrics of the first and last evaluation
+        summary["val_first"] = {k: v for k, v in evals[0].items() if k.startswith("val_")}
+        summary["val_last"] = {k: v for k, v in evals[-1].items() if k.startswith("val_")}
     return summary
 
 
 def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = None,
-              callbacks: list[Any] | None = None) -> dict[str, Any]:
+              callbacks: list[Any] | None = None, entry: Callable[[dict[str, Any]], None] | None = None,
+              services: Callable[[RunConfig], AbstractContextManager[dict[str, Any]]] | None = None,
+              lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune per `cfg` on Ray Train; write the run directory; register the adapter; return the summary.
 
     Re-running with the same `output.dir` + `output.name` resumes from the run's latest checkpoint.
+    `entry`, `services` and `lineage` are for loops built on this one (GRPO): the worker function, a context
+    started inside the Ray cluster that yields extra worker config (e.g. rollout actors) and stops them after
+    training, and extra lineage for the registry.
     """
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +195,11 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
     from fineray.train.data import load_train_val
     from fineray.train.model import resolve_base
 
-    load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named) before any worker starts
+    train_ex, _ = load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named)
+    if cfg.objective != "sft":
+        from fineray.train.pairs import check_pairs
+
+        check_pairs(train_ex, cfg.objective)
     from fineray.train.preflight import format_plan, plan_run
 
     plan = plan_run(cfg)  # known-bad combinations and the memory estimate, before any GPU is allocated
@@ -182,9 +213,11 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         from fineray.train._progress import ProgressBoard, watch_progress
 
         board = ProgressBoard()
-        trainer = make_trainer(cfg, run_dir, adapter_path=adapter_path, board=board, callbacks=callbacks,
-                               storage_path=ray_storage)
-        with watch_progress(board, cfg.train.max_steps, enabled=progress):
+        with contextlib.ExitStack() as stack:
+            extra = stack.enter_context(services(cfg)) if services else None
+            trainer = make_trainer(cfg, run_dir, adapter_path=adapter_path, board=board, callbacks=callbacks,
+                                   storage_path=ray_storage, entry=entry, extra_config=extra)
+            stack.enter_context(watch_progress(board, cfg.train.max_steps, enabled=progress))
             try:
                 result = trainer.fit()
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause
@@ -200,6 +233,8 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         summary = write_run_outputs(cfg, run_dir, Path(ckpt_dir), wall, final)
     summary["run_dir"] = str(run_dir)
     do_eval = cfg.eval.enabled if evaluate is None else evaluate
+    if do_eval and cfg.objective == "reward":  # a score head generates nothing: its metrics are the evals'
+        do_eval = False
     if do_eval:
         from fineray.train.evaluate import evaluate_run
 
@@ -214,9 +249,14 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         metrics = {k: summary[k] for k in ("val_loss", "train_loss_last", "steps", "tokens_per_s")}
         if summary["tuned_metrics"]:
             metrics.update({k: v for k, v in summary["tuned_metrics"].items() if isinstance(v, (int, float))})
+        if cfg.objective != "sft":
+            hp["objective"], hp["dpo"] = cfg.objective, cfg.dpo.model_dump(mode="json")
+            metrics.update(summary.get("val_last") or {})
         version = reg.register(_registry_name(cfg), summary["weights_dir"], base_model=cfg.model.base,
                                method=cfg.method, hyperparameters=hp, dataset_fingerprint=dataset_fingerprint(cfg),
-                               metrics=metrics, lineage={"run_dir": str(run_dir)})
+                               metrics=metrics, kind="reward" if cfg.objective == "reward" else "adapter",
+                               lineage={"run_dir": str(run_dir), "parent_adapter": cfg.model.adapter,
+                                        "objective": cfg.objective, **(lineage or {})})
         summary["registry_ref"] = version.ref
         summary["registry_uri"] = version.uri
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -30,8 +30,8 @@ from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
 from fineray.train.templates import Tokenized, tokenize_all
 
-__all__ = ["build_data", "evaluate_loss", "forward_loss", "make_objective", "make_scheduler", "ray_worker_entry",
-           "train_loop"]
+__all__ = ["build_data", "evaluate_loss", "forward_loss", "make_objective", "make_scheduler", "mixed_precision",
+           "ray_worker_entry", "train_loop", "worker_config"]
 
 
 def build_data(cfg: RunConfig, tokenizer: Any, stats: dict[str, int] | None = None
@@ -60,6 +60,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tot
         return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def mixed_precision(tcfg: Any, use_gpu: bool) -> tuple[Any, Any]:
+    """(autocast context factory, fp16 grad scaler or None) for `train.precision` (`auto`: bf16 on GPU)."""
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
+    if tcfg.precision == "auto" and use_gpu:
+        autocast_dtype = torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 and use_gpu else None
+    amp = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if use_gpu and autocast_dtype else contextlib.nullcontext
+    return amp, scaler
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -153,11 +163,7 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     steps_per_epoch = len(shard_batches(len(train_data), tcfg.batch_size, 0, world, tcfg.seed, 0)) // tcfg.grad_accum
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * max(steps_per_epoch, 1)))
     scheduler = make_scheduler(optimizer, tcfg.scheduler, int(tcfg.warmup_ratio * total_steps), total_steps)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
-    if tcfg.precision == "auto" and use_gpu:
-        autocast_dtype = torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 and use_gpu else None
-    amp = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if use_gpu and autocast_dtype else contextlib.nullcontext
+    amp, scaler = mixed_precision(tcfg, use_gpu)
     eval_every = tcfg.eval_every
     ckpt_every = tcfg.checkpoint_every or eval_every
 
@@ -278,8 +284,9 @@ def _quiet_ray_train_reports() -> None:
         pass
 
 
-def ray_worker_entry(config: dict[str, Any]) -> None:
-    """Ray Train `train_loop_per_worker`: rebuild the typed config and run the loop."""
+def worker_config(config: dict[str, Any]) -> RunConfig:
+    """In a Ray Train worker: the typed run config of `train_loop_config`, torch threads set to the worker's CPU
+    share, Ray Train's per-report logging quietened."""
     cfg = RunConfig.model_validate(config["run"])
     if not cfg.train.threads_per_worker and not cfg.scaling.use_gpu:
         # Ray sets OMP_NUM_THREADS=1 per worker; honour a worker's CPU share instead.
@@ -287,6 +294,12 @@ def ray_worker_entry(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, cpus))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_ray_train_reports()
+    return cfg
+
+
+def ray_worker_entry(config: dict[str, Any]) -> None:
+    """Ray Train `train_loop_per_worker`: rebuild the typed config and run the loop."""
+    cfg = worker_config(config)
     reference = config.get("reference_logps")
     if reference is not None and not isinstance(reference, dict):  # an ObjectRef from the launcher's pass
         import ray

@@ -26,7 +26,7 @@ import torch
 from fineray.train.data import DataError, Example
 from fineray.train.templates import IGNORE_INDEX, Tokenized, tokenize_example
 
-__all__ = ["Pair", "collate_left", "pair_batch", "preference_example", "tokenize_pairs"]
+__all__ = ["Pair", "check_pairs", "collate_left", "pair_batch", "preference_example", "tokenize_pairs"]
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -119,6 +119,14 @@ def _key(c: Tokenized, r: Tokenized) -> str:
     return h.hexdigest()[:20]
 
 
+def check_pairs(examples: list[Example], objective: str = "dpo") -> None:
+    """Raise DataError naming the first example (file and line) that is not a preference pair."""
+    for ex in examples:
+        if ex.rejected is None or not ex.messages:
+            raise DataError(f"{ex.source}: not a preference pair: objective {objective} needs prompt + chosen + "
+                            "rejected records (data.format: preference)")
+
+
 def tokenize_pairs(tokenizer: Any, examples: list[Example], max_seq_len: int, max_prompt_len: int | None = None,
                    stats: dict[str, int] | None = None, prefix: str = "") -> list[Pair]:
     """Tokenise preference examples (labels on the final response only). Prompts over `max_prompt_len` keep
@@ -130,9 +138,8 @@ def tokenize_pairs(tokenizer: Any, examples: list[Example], max_seq_len: int, ma
     """
     out: list[Pair] = []
     counts = {"dropped_too_long": 0, "dropped_no_target": 0, "truncated_prompt": 0}
+    check_pairs(examples)
     for ex in examples:
-        if ex.rejected is None or not ex.messages:
-            raise DataError(f"{ex.source}: not a preference pair (the objective needs prompt + chosen + rejected)")
         sides = []
         for response in (None, ex.rejected):
             msgs = ex.messages if response is None else ex.messages[:-1] + [{"role": "assistant", "content": response}]
