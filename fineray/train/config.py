@@ -206,6 +206,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False
     eval_every: int = Field(50, ge=1)
+    eval_on_start: bool = Field(False, description="evaluate once before the first step (row `step: 0`)")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per eval")
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int = 42

@@ -188,6 +188,12 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
                            state.epoch, state.batch_in_epoch, group_by_length=fast.group_by_length,
                            balance_ranks=fast.balance_ranks)
     pad_id = tok.pad_token_id
+    if tcfg.eval_on_start and val_data and state.step == 0:  # where the run starts from (a step-0 row)
+        state.history.append({"step": 0, **objective.evaluate(model, val_data, session, tcfg.batch_size, pad_id,
+                                                               fast, tcfg.eval_batches)})
+        if session.rank == 0:
+            print("[fineray] before training: " + " ".join(f"{k}={v:.4g}" for k, v in state.history[-1].items()
+                                                        if isinstance(v, float)), flush=True)
     t_window, tok_window = time.perf_counter(), 0
     stop_reason = None
     while state.step < total_steps and stop_reason is None:

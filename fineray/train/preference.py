@@ -8,7 +8,8 @@ The losses (per pair, from summed log-probs; "avg" is the per-token mean of a re
   * simpo:  -(1-e) log s(b (avg_c - avg_r) - g) - e log s(-(...))                    (Meng et al. 2024)
   * reward: -log s(score_c - score_r - margin)                                        (Bradley-Terry)
 Implicit rewards are b (pi - ref) for DPO/IPO, b avg for ORPO/SimPO, the scores for a reward model; reward
-accuracy is the share of pairs whose chosen reward is higher.
+accuracy is the share of pairs whose chosen reward is higher, preference accuracy the share whose chosen
+response the policy itself finds likelier (summed log-probs, no reference).
 
 `PreferenceObjective` is what the training loop calls for these objectives (load the model, build pair
 data, batch, loss and metrics, evaluate); the supervised objective is the loop's default.
@@ -29,7 +30,7 @@ __all__ = ["PREFERENCE_METRICS", "PreferenceObjective", "build_pair_data", "pref
 
 #: Metrics per pair, reported as `train_<name>` every step and `val_<name>` at every eval.
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "logp_chosen",
-                      "logp_rejected", "kl")
+                      "logp_rejected", "preference_accuracy", "kl")
 _WITH_REFERENCE = ("dpo", "ipo")
 
 
@@ -170,6 +171,7 @@ class PreferenceObjective:
         losses, rc, rr = preference_loss(self.name, sums[:n], sums[n:], **kw)
         metrics = _metrics(rc, rr)
         metrics["logp_chosen"], metrics["logp_rejected"] = sums[:n].detach().mean(), sums[n:].detach().mean()
+        metrics["preference_accuracy"] = (sums[:n] > sums[n:]).float().mean()
         if ref is not None:  # sequence-level log-ratio to the reference, averaged over both responses
             metrics["kl"] = (sums.detach() - ref).mean()
         return losses.mean(), metrics
@@ -199,7 +201,8 @@ class PreferenceObjective:
         if self.name not in _WITH_REFERENCE:
             out.pop("val_kl")
         if self.is_reward:
-            out.pop("val_logp_chosen"), out.pop("val_logp_rejected")
+            for k in ("val_logp_chosen", "val_logp_rejected", "val_preference_accuracy"):
+                out.pop(k)
         return out
 
 

@@ -128,7 +128,19 @@ def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_
         return [float(total.sum()), float((total ** 2).sum()), float(len(total)),
                 *per_fn.tolist(), *ok.sum(0).tolist(), *[float(len(result.failures.get(k, []))) for k in keys]]
 
+    def evaluate() -> dict[str, float]:
+        """Greedy completions of the first `rl.eval_prompts` validation prompts, scored: the reward curve."""
+        mine = val_prompts[: rl.eval_prompts][session.rank::world]
+        outs = rollouts(mine, 1, 0.0, _seed(tcfg.seed, state.step, session.rank)) if mine else []
+        res = score(mine, outs, 1) if mine else RewardResult(np.zeros((0, len(keys))), keys)
+        s = session.all_reduce_sum(reward_sums(res, torch.tensor(res.total(weights), dtype=torch.float32)))
+        n_fn = len(keys)
+        return {"val_reward_mean": s[0] / max(s[2], 1),
+                **{f"val_reward_{k}": v / max(c, 1) for k, v, c in zip(keys, s[3:3 + n_fn], s[3 + n_fn:3 + 2 * n_fn])}}
+
     # ---------------------------------------------------------------- loop
+    if tcfg.eval_on_start and val_prompts and rl.eval_prompts and state.step == 0:
+        state.history.append({"step": 0, **evaluate()})
     stream = epoch_batches(train_prompts, per_rank, session.rank, world, tcfg.seed, state.epoch, state.batch_in_epoch)
     while state.step < total_steps:
         epoch, b_idx, items = next(stream)
@@ -202,13 +214,7 @@ def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_
                     "train_s": t_train - t_reward, "tokens_per_s": tokens / max(t_train - t0, 1e-9)})
         last = state.step == total_steps
         if val_prompts and rl.eval_prompts and (state.step % tcfg.eval_every == 0 or last):
-            mine = val_prompts[: rl.eval_prompts][session.rank::world]
-            vals = rollouts(mine, 1, 0.0, _seed(tcfg.seed, state.step, session.rank)) if mine else []
-            vres = score(mine, vals, 1) if mine else RewardResult(np.zeros((0, n_fn)), keys)
-            vsum = session.all_reduce_sum(reward_sums(vres, torch.tensor(vres.total(weights), dtype=torch.float32)))
-            row["val_reward_mean"] = vsum[0] / max(vsum[2], 1)
-            row.update({f"val_reward_{k}": s_ / max(o_, 1) for k, s_, o_ in
-                        zip(keys, vsum[3:3 + n_fn], vsum[3 + n_fn:3 + 2 * n_fn])})
+            row.update(evaluate())
         state.history.append(row)
         if session.rank == 0:
             session.progress({**row, "total_steps": total_steps})

@@ -104,7 +104,8 @@ def _plot_rewards(history: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in history], [r["reward_mean"] for r in history], label="reward (training rollouts)")
+    train = [(r["step"], r["reward_mean"]) for r in history if "reward_mean" in r]
+    ax.plot(*zip(*train), label="reward (training rollouts, sampled)")
     val = [(r["step"], r["val_reward_mean"]) for r in history if "val_reward_mean" in r]
     if val:
         ax.plot(*zip(*val), "o-", label="reward (validation prompts, greedy)")
@@ -145,8 +146,8 @@ def run_rl(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = Non
     rows = [r for r in history if "reward_mean" in r]
     if rows:
         if run_dir is not None:
-            _plot_rewards(rows, run_dir / "reward.png")
-        vals = [r["val_reward_mean"] for r in rows if "val_reward_mean" in r]
+            _plot_rewards(history, run_dir / "reward.png")
+        vals = [r["val_reward_mean"] for r in history if "val_reward_mean" in r]
         summary.update({"rollout": backend, "reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"],
                         "val_reward_first": vals[0] if vals else None, "val_reward_last": vals[-1] if vals else None,
                         "rollout_s": sum(r["rollout_s"] for r in rows) / len(rows),
