@@ -5,9 +5,15 @@
 # compiled, fineray hands DeepSpeed a torch AdamW), bitsandbytes 0.50.2 (only the CUDA 13.0 + CPU libraries),
 # pydantic 2 (the image has none) and what Ray/DeepSpeed import. Must stay under the 64 MiB carry limit.
 # Usage: bench/make_gpu_bundle.sh [OUTDIR=.whl]
+#        bench/make_gpu_bundle.sh --preference [OUTDIR=.whl]   # adds TRL 1.16 + datasets (bench/preference_throughput.py)
 # Install there: python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 #                export PYTHONPATH=/tmp/site:$PWD
 set -euo pipefail
+if [ "${1:-}" = --preference ]; then  # TRL's trainers for the issue-14 comparison; added to an existing bundle
+  out=${2:-.whl}; mkdir -p "$out"
+  python3 -m pip download -q --no-deps -d "$out" trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+  ls -la "$out"; du -sh "$out"; exit 0
+fi
 out=${1:-.whl}
 mkdir -p "$out"; out=$(cd "$out" && pwd); rm -f "$out"/*.whl
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64

@@ -189,6 +189,7 @@ def pair_batch(pairs: list[Pair], pad_id: int, fast: Any, left_padded: bool = Fa
     else:
         batch = make_batch(docs, pad_id, fast)
     batch["n_target"], batch["n_docs"] = len(pairs), len(docs)
+    batch["pairs"] = pairs  # host objects (to_device leaves them): a computed reference can be kept on them
     refs = [p.ref for p in pairs]
     if all(r is not None for r in refs):
         batch["ref_logps"] = torch.tensor([r[0] for r in refs] + [r[1] for r in refs], dtype=torch.float32)

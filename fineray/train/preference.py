@@ -150,7 +150,13 @@ class PreferenceObjective:
         if "ref_logps" in batch:
             return batch["ref_logps"]
         with torch.no_grad(), adapter_disabled(model) as base:
-            return document_sums(token_logps(base, batch, fast), batch)[0]
+            ref = document_sums(token_logps(base, batch, fast), batch)[0]
+        # The frozen base never changes: keep each pair's reference, so the next epoch and every later
+        # evaluation skip this forward (two host floats per pair).
+        n, values = batch["n_target"], ref.tolist()
+        for p, c, r in zip(batch.get("pairs", []), values[:n], values[n:]):
+            p.ref = (c, r)
+        return ref
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], fast: FastPath
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -91,8 +91,18 @@ VERIFIERS: dict[str, Callable[..., float]] = {
 }
 
 
+_LOADED: dict[tuple[str, str | None], Callable[..., Any]] = {}
+
+
 def load_callable(ref: str, cwd: str | None = None) -> Callable[..., Any]:
-    """`module:function` (importable, or from `cwd`) or `path/to/file.py:function`."""
+    """`module:function` (importable, or from `cwd`) or `path/to/file.py:function`; loaded once per process
+    (a reward task's worker keeps it for the next steps)."""
+    if (ref, cwd) not in _LOADED:
+        _LOADED[(ref, cwd)] = _load(ref, cwd)
+    return _LOADED[(ref, cwd)]
+
+
+def _load(ref: str, cwd: str | None) -> Callable[..., Any]:
     target, _, name = ref.rpartition(":")
     if target.endswith(".py"):
         path = Path(target).expanduser()
