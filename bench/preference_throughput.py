@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import sys
@@ -48,7 +49,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from train_throughput import SHAPES, _mem, batch_order, build_model  # noqa: E402
+from train_throughput import SHAPES, _mem, batch_order, build_model, step_clock
 
 DPO_CASES = {"tiny-dpo": ("tiny", 4, 4, 1), "1b-dpo8": ("1b", 8, 12, 4), "8b-dpo4": ("8b", 4, 12, 4)}
 GRPO_CASES = {"tiny-grpo": ("tiny", 2, 4, 16, 3, 1), "1b-grpo": ("1b", 8, 8, 128, 6, 2)}  # prompts, G, new, steps, warm
@@ -137,9 +138,7 @@ def run_dpo_fineray(shape: str, pairs: int, steps: int, warmup: int, device: str
 
     with tempfile.TemporaryDirectory() as tmp:
         loop.train_loop(cfg, Clocked(tmp, device=device))
-    out = _dpo_row("fineray", shape, pairs, data, order, ends, losses, warmup)
-    del model
-    return out
+    return _dpo_row("fineray", shape, pairs, data, order, ends, losses, warmup)
 
 
 def _dpo_row(side: str, shape: str, pairs: int, data: list, order: list[list[int]], ends: list[float],
@@ -155,7 +154,6 @@ def _dpo_row(side: str, shape: str, pairs: int, data: list, order: list[list[int
 def run_dpo_trl(shape: str, pairs: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     data, order = dpo_data(shape, pairs, steps)
@@ -167,16 +165,6 @@ def run_dpo_trl(shape: str, pairs: int, steps: int, warmup: int, device: str) ->
     model = build_model(shape, device)
     ends: list[float] = []
     losses: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
 
     class SeqDPO(DPOTrainer):
         def _get_train_sampler(self, *a: Any, **k: Any) -> Any:
@@ -190,7 +178,7 @@ def run_dpo_trl(shape: str, pairs: int, steps: int, warmup: int, device: str) ->
                          seed=0, disable_tqdm=True, use_cpu=device == "cpu", dataloader_num_workers=0)
         trainer = SeqDPO(model=model, args=args, train_dataset=ds, processing_class=word_tokenizer(SHAPES[shape]["vocab_size"]),
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"), callbacks=[Clock()])
+                                                task_type="CAUSAL_LM"), callbacks=[step_clock(device, ends, losses)])
         trainer.train()
     out = _dpo_row("trl", shape, pairs, data, order, ends, losses, warmup)
     del trainer, model
@@ -233,9 +221,8 @@ def run_grpo_fineray(case: tuple, device: str, root: Path, backend: str) -> dict
     model_dir = grpo_model_dir(shape, device, root)
     data = grpo_prompts(shape, prompts * steps * 2, root)
     gpu = device == "cuda"
-    rl = ("rl={num_generations: %d, prompts_per_step: %d, max_new_tokens: %d, eval_prompts: 0, beta: 0, "
-          "rollout: {backend: %s}, rewards: [{function: '%s:sevens'}]}" % (group, prompts, new, backend,
-                                                                          BENCH / "bench_rewards.py"))
+    rl = (f"rl={{num_generations: {group}, prompts_per_step: {prompts}, max_new_tokens: {new}, eval_prompts: 0, "
+          f"beta: 0, rollout: {{backend: {backend}}}, rewards: [{{function: '{BENCH / 'bench_rewards.py'}:sevens'}}]}}")
     cfg = load_config(None, [f"model.base={model_dir}", f"data.train={data}", "data.validation=null",
                              "data.format=prompt", "data.max_seq_len=1024", "lora.r=16", "lora.alpha=32",
                              "lora.dropout=0", "train.batch_size=16", f"train.max_steps={steps}", "train.lr=2e-4",
@@ -269,7 +256,7 @@ def run_grpo_trl(case: tuple, device: str, root: Path) -> dict[str, Any]:
 
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(BENCH))
@@ -290,14 +277,8 @@ def run_grpo_trl(case: tuple, device: str, root: Path) -> dict[str, Any]:
             "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0, "disable_tqdm": True,
             "use_cpu": device == "cpu", "gradient_checkpointing": False, "log_completions": False}
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
-    times = {"rollout_s": [], "reward_s": []}
+    times: dict[str, list[float]] = {"rollout_s": [], "reward_s": []}
     ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as tmp:
         want["output_dir"] = tmp
@@ -306,7 +287,7 @@ def run_grpo_trl(case: tuple, device: str, root: Path) -> dict[str, Any]:
                               processing_class=word_tokenizer(SHAPES[shape]["vocab_size"]),
                               peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                      target_modules="all-linear", task_type="CAUSAL_LM"),
-                              callbacks=[Clock()])
+                              callbacks=[step_clock(device, ends, [])])
         for meth, key in (("_generate", "rollout_s"), ("_calculate_rewards", "reward_s")):
             orig = getattr(trainer, meth)
 
@@ -321,7 +302,7 @@ def run_grpo_trl(case: tuple, device: str, root: Path) -> dict[str, Any]:
 
             setattr(trainer, meth, timed)
         trainer.train()
-    step_s = [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
+    step_s = [b - a for a, b in itertools.pairwise(ends)][warmup - 1:]
     n = len(step_s)
     rollout = sum(times["rollout_s"][warmup:warmup + n]) / max(1, n)
     reward = sum(times["reward_s"][warmup:warmup + n]) / max(1, n)

@@ -204,10 +204,28 @@ def _result(side: str, name: str, case: Case, docs: list[list[int]], order: list
     return out
 
 
+def step_clock(device: str, ends: list[float], losses: list[float]) -> Any:
+    """A `TrainerCallback` appending the end time of every optimizer step (the GPU synchronised) to `ends`
+    and every logged training loss to `losses`."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return Clock()
+
+
 # ------------------------------------------------------------------------------------------------- baseline
 def run_baseline(name: str, case: Case, device: str) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     if case.method != "lora":
         raise ValueError("the baseline runs LoRA only")
@@ -242,16 +260,6 @@ def run_baseline(name: str, case: Case, device: str) -> dict[str, Any]:
     ends: list[float] = []
     losses: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     class SeqTrainer(Trainer):
         def _get_train_sampler(self, *a: Any, **k: Any) -> Any:
             return torch.utils.data.SequentialSampler(self.train_dataset)
@@ -265,7 +273,7 @@ def run_baseline(name: str, case: Case, device: str) -> dict[str, Any]:
             gradient_checkpointing=False, remove_unused_columns=False, seed=0,
             disable_tqdm=True, use_cpu=device == "cpu")
         trainer = SeqTrainer(model=model, args=args, train_dataset=DS(), data_collator=collate,
-                             callbacks=[Clock()])
+                             callbacks=[step_clock(device, ends, losses)])
         trainer.train()
     pad = {"padded_tokens_per_step": sum(case.batch * max(len(docs[i]) for i in b) for b in order) / n_steps}
     out = _result("baseline", name, case, docs, order, ends, losses, pad)

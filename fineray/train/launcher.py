@@ -32,7 +32,7 @@ from fineray.train.diagnostics import diagnose
 from fineray.train.registry import AdapterRegistry
 
 __all__ = ["TrainingError", "run_train", "make_trainer", "resolve_adapter", "dataset_fingerprint",
-           "write_run_outputs", "run_dir_for"]
+           "write_run_outputs", "run_dir_for", "plot_curves"]
 
 
 class TrainingError(RuntimeError):
@@ -122,20 +122,23 @@ def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = No
     )
 
 
-def _plot_loss(history: list[dict[str, Any]], out: Path) -> None:
+def plot_curves(history: list[dict[str, Any]], out: Path, train_key: str, val_key: str, labels: tuple[str, str],
+                ylabel: str) -> None:
+    """A PNG of `train_key` (a line) and `val_key` (points at evals) over the steps of a metric history."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in history], [r["train_loss"] for r in history if "train_loss" in r][: len(history)],
-            label="train loss")
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    train = [(r["step"], r[train_key]) for r in history if train_key in r]
+    if train:
+        ax.plot(*zip(*train), label=labels[0])
+    val = [(r["step"], r[val_key]) for r in history if val_key in r]
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val), "o-", label=labels[1])
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -155,7 +158,8 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, ckpt_dir: Path, wall_s: flo
     shutil.copy(ckpt_dir / "metrics.jsonl", run_dir / "metrics.jsonl")
     train_rows = [r for r in history if "train_loss" in r]
     if train_rows:
-        _plot_loss(train_rows, run_dir / "loss.png")
+        plot_curves(history, run_dir / "loss.png", "train_loss", "val_loss", ("train loss", "validation loss"),
+                    "loss (nats/token)")
     vals = [r["val_loss"] for r in history if "val_loss" in r]
     tps = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
     summary = {

@@ -31,7 +31,8 @@ from fineray.train.strategies import make_strategy
 from fineray.train.templates import Tokenized, tokenize_all
 
 __all__ = ["build_data", "evaluate_loss", "forward_loss", "make_objective", "make_scheduler", "mixed_precision",
-           "ray_worker_entry", "train_loop", "worker_config"]
+           "ray_worker_entry", "resume_state", "static_metrics", "train_loop",
+           "worker_config"]
 
 
 def build_data(cfg: RunConfig, tokenizer: Any, stats: dict[str, int] | None = None
@@ -130,6 +131,20 @@ def make_objective(cfg: RunConfig, reference_logps: dict[str, tuple[float, float
     return PreferenceObjective(cfg, reference_logps)
 
 
+def resume_state(session: Session, resume_from: str | None, strategy: Any, model: torch.nn.Module,
+                 optimizer: Any, scheduler: Any) -> tuple[LoopState, str | None]:
+    """The loop state to start from, and the checkpoint it came from (the session's, else `resume_from`)."""
+    ckpt = session.get_checkpoint() or resume_from
+    return (strategy.load(ckpt, model, optimizer, scheduler) if ckpt else LoopState()), ckpt
+
+
+def static_metrics(trainable: int, total_params: int, world: int, total_steps: int,
+                   data_stats: dict[str, int]) -> dict[str, Any]:
+    """The metrics every report repeats (sizes, steps, data counts)."""
+    return {"trainable_params": trainable, "total_params": total_params, "world_size": world,
+            "total_steps": total_steps, **{f"data_{k}": v for k, v in data_stats.items()}}
+
+
 def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None,
                resume_from: str | None = None, reference_logps: dict[str, tuple[float, float]] | None = None
                ) -> LoopState:
@@ -167,12 +182,8 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     eval_every = tcfg.eval_every
     ckpt_every = tcfg.checkpoint_every or eval_every
 
-    state = LoopState()
-    ckpt = session.get_checkpoint() or resume_from
-    if ckpt:
-        state = strategy.load(ckpt, model, optimizer, scheduler)
-    static = {"trainable_params": trainable, "total_params": total_params, "world_size": world,
-              "total_steps": total_steps, **{f"data_{k}": v for k, v in data_stats.items()}}
+    state, ckpt = resume_state(session, resume_from, strategy, model, optimizer, scheduler)
+    static = static_metrics(trainable, total_params, world, total_steps, data_stats)
     if session.rank == 0:
         print(f"[fineray] rank0: {len(train_data)} train / {len(val_data)} val examples, "
               f"{trainable:,} trainable of {total_params:,} params, {total_steps} steps, "

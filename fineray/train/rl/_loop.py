@@ -20,7 +20,7 @@ from fineray.train.batches import epoch_batches
 from fineray.train.checkpoint import LoopState
 from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
 from fineray.train.logprobs import adapter_disabled, shifted_targets, token_logps
-from fineray.train.loop import make_scheduler, mixed_precision, worker_config
+from fineray.train.loop import make_scheduler, mixed_precision, resume_state, static_metrics, worker_config
 from fineray.train.model import count_parameters, load_for_training, pick_dtype
 from fineray.train.packing import document_ids
 from fineray.train.rl._grpo import group_advantages, policy_loss, token_weights
@@ -85,12 +85,8 @@ def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_
     pad_id = tok.pad_token_id
     ckpt_every = tcfg.checkpoint_every or tcfg.eval_every
 
-    state = LoopState()
-    ckpt = session.get_checkpoint() or resume_from
-    if ckpt:
-        state = strategy.load(ckpt, model, optimizer, scheduler)
-    static = {"trainable_params": trainable, "total_params": total_params, "world_size": world,
-              "total_steps": total_steps, **{f"data_{k}": v for k, v in data_stats.items()}}
+    state, ckpt = resume_state(session, resume_from, strategy, model, optimizer, scheduler)
+    static = static_metrics(trainable, total_params, world, total_steps, data_stats)
     if session.rank == 0:
         print(f"[fineray] rank0: GRPO, {len(train_prompts)} train / {len(val_prompts)} val prompts, "
               f"{per_rank} prompts x {group} completions per worker per step, rollouts by "

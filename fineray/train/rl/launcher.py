@@ -97,27 +97,6 @@ def _cpus() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def _plot_rewards(history: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["reward_mean"]) for r in history if "reward_mean" in r]
-    ax.plot(*zip(*train), label="reward (training rollouts, sampled)")
-    val = [(r["step"], r["val_reward_mean"]) for r in history if "val_reward_mean" in r]
-    if val:
-        ax.plot(*zip(*val), "o-", label="reward (validation prompts, greedy)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("summed reward")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
 def run_rl(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = None) -> dict[str, Any]:
     """GRPO per `cfg` on Ray Train: write the run directory, register the adapter, return the summary.
 
@@ -127,7 +106,7 @@ def run_rl(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = Non
         ConfigError: a bad `rl:` section, a reward function that does not load, an unknown reward model.
         TrainingError: the run failed (the message names the root cause).
     """
-    from fineray.train.launcher import run_train
+    from fineray.train.launcher import plot_curves, run_train
     from fineray.train.rl._loop import rl_worker_entry
 
     rl = parse_rl_config(cfg)
@@ -146,7 +125,8 @@ def run_rl(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = Non
     rows = [r for r in history if "reward_mean" in r]
     if rows:
         if run_dir is not None:
-            _plot_rewards(history, run_dir / "reward.png")
+            plot_curves(history, run_dir / "reward.png", "reward_mean", "val_reward_mean",
+                        ("reward (training rollouts, sampled)", "reward (validation prompts, greedy)"), "summed reward")
         vals = [r["val_reward_mean"] for r in history if "val_reward_mean" in r]
         summary.update({"rollout": backend, "reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"],
                         "val_reward_first": vals[0] if vals else None, "val_reward_last": vals[-1] if vals else None,
