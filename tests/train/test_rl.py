@@ -91,3 +91,39 @@ def test_prompts_come_from_supervised_and_prompt_only_records(tmp_path, tiny_tok
     cfg = load_config(None, ["model.base=tiny:llama", "data.train=fineray:support-tickets/val", "data.validation=null"])
     train, _ = build_prompts(cfg, tiny_tok, 16)
     assert train[0].reference.startswith('{"product"') and train[0].messages[0]["role"] == "system"
+
+
+def test_packed_policy_batches_give_the_same_loss_and_gradients():
+    from fineray.train.fastpath import FastPath, apply_fast_path
+    from fineray.train.logprobs import token_logps
+    from fineray.train.model import load_for_training
+    from fineray.train.rl._loop import policy_batches
+    from fineray.train.templates import Tokenized
+
+    tok, model = load_for_training(load_config(None, ["model.base=tiny:llama", "lora.r=4", "lora.dropout=0"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    torch.manual_seed(0)
+    seqs = [Tokenized(list(range(5, 5 + n)) + c, [-100] * n + c)
+            for n, c in ((6, [40, 41, 2]), (4, [50, 2]), (9, [60, 61, 62, 63, 2]))]
+    adv, w = [1.0, -0.5, 0.25], token_weights([3, 2, 5], "sequence")
+
+    def run(fast):
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for b in policy_batches(seqs, adv, w, 2, tok.pad_token_id, fast):
+            logp = token_logps(model, b, fast)
+            loss, _ = policy_loss(logp, logp.detach(), b["advantages"], b["weights"])
+            loss.backward()
+            total += float(loss)
+        return total, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_g = run(FastPath())
+    fast = FastPath(packing=True, attention="sdpa", chunked_loss=True, chunk_tokens=8)
+    apply_fast_path(model, fast)
+    loss, grads = run(fast)
+    # ratio 1: the loss is -sum_i A_i x (a mean per completion over 3 completions) = -(1 - 0.5 + 0.25) / 3
+    assert ref_loss == pytest.approx(-0.25, rel=1e-5) and loss == pytest.approx(ref_loss, rel=1e-5)
+    for k in ref_g:
+        torch.testing.assert_close(grads[k], ref_g[k], rtol=1e-4, atol=1e-7)

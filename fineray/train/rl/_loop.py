@@ -32,7 +32,7 @@ from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
 from fineray.train.templates import IGNORE_INDEX, Tokenized
 
-__all__ = ["rl_loop", "rl_worker_entry"]
+__all__ = ["policy_batches", "rl_loop", "rl_worker_entry"]
 
 
 def _seed(seed: int, step: int, rank: int) -> int:
@@ -47,6 +47,21 @@ def _per_token(batch: dict[str, Any], values: list[float]) -> torch.Tensor:
         return v[:, None].expand_as(batch["labels"]).clone()
     width = batch["labels"].shape[1]
     return torch.cat([v, torch.zeros(1)])[document_ids(batch["cu_seqlens"], width).clamp(max=len(values))][None]
+
+
+def policy_batches(seqs: list[Tokenized], advantages: list[float], weights: list[float], batch_size: int,
+                   pad_id: int, fast: Any) -> list[dict[str, Any]]:
+    """Micro-batches of `batch_size` completions (padded, or packed on the fast path), each with per-token
+    `advantages` and loss `weights` (0 where nothing trains)."""
+    out = []
+    for s in range(0, len(seqs), batch_size):
+        idx = range(s, min(s + batch_size, len(seqs)))
+        b = make_batch([seqs[i] for i in idx], pad_id, fast)
+        b["n_docs"] = len(idx)
+        b["advantages"] = _per_token(b, [advantages[i] for i in idx])
+        b["weights"] = _per_token(b, [weights[i] for i in idx]) * (shifted_targets(b["labels"]) != IGNORE_INDEX)
+        out.append(b)
+    return out
 
 
 def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_from: str | None = None,
@@ -156,15 +171,9 @@ def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_
         seqs = [Tokenized(it.ids + o.token_ids, [IGNORE_INDEX] * len(it.ids) + (
             [IGNORE_INDEX] * len(o.token_ids) if rl.mask_truncated and o.finish_reason == "length" else o.token_ids))
             for it, o in zip([it for it in items for _ in range(group)], outs)]
-        tok_w = token_weights([s.num_target_tokens for s in seqs], rl.loss)
-        batches = []
-        for s in range(0, len(seqs), tcfg.batch_size):
-            idx = range(s, min(s + tcfg.batch_size, len(seqs)))
-            b = make_batch([seqs[i] for i in idx], pad_id, fast)
-            b["n_docs"] = len(idx)
-            b["advantages"] = _per_token(b, [advantages[i] for i in idx])
-            b["weights"] = _per_token(b, [tok_w[i] for i in idx]) * (shifted_targets(b["labels"]) != IGNORE_INDEX)
-            batches.append(to_device(b, session.device))
+        batches = [to_device(b, session.device) for b in
+                   policy_batches(seqs, advantages, token_weights([s.num_target_tokens for s in seqs], rl.loss),
+                                  tcfg.batch_size, pad_id, fast)]
         with torch.no_grad():  # the sampling policy's and the reference's log-probs, before any update
             old = [token_logps(model, b, fast) for b in batches] if rl.iterations > 1 else None
             ref = None
