@@ -275,6 +275,8 @@ class PreferenceConfig(_Section):
         label_smoothing: assumed share of flipped labels (conservative DPO / SimPO), in [0, 0.5).
         simpo_gamma: SimPO's target reward margin.
         reward_margin: Bradley-Terry margin for `objective: reward` (the chosen score must win by this much).
+        rpo_alpha: weight of an added negative log-likelihood of the chosen response (per token; RPO, Pang et
+            al. 2024) for dpo and ipo: keeps the chosen responses likely while the margin grows (0: off).
         reference: where the reference log-probs come from (DPO, IPO). `auto`: the same weights with the
             adapter disabled for LoRA/DoRA/QLoRA (no second copy), precomputed once for `method: full`.
             `precomputed`: one Ray Data pass over the pairs before training with the starting policy (base
@@ -287,6 +289,7 @@ class PreferenceConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     simpo_gamma: float = Field(0.5, ge=0)
     reward_margin: float = Field(0.0, ge=0)
+    rpo_alpha: float = Field(0.0, ge=0)
     reference: Literal["auto", "precomputed"] = "auto"
     max_prompt_len: int | None = Field(None, ge=1)
 

@@ -7,6 +7,7 @@ The losses (per pair, from summed log-probs; "avg" is the per-token mean of a re
   * orpo:   -avg_c - b log s(log odds_c - log odds_r), odds = p/(1-p) of avg         (Hong et al. 2024)
   * simpo:  -(1-e) log s(b (avg_c - avg_r) - g) - e log s(-(...))                    (Meng et al. 2024)
   * reward: -log s(score_c - score_r - margin)                                        (Bradley-Terry)
+`dpo.rpo_alpha` > 0 adds rpo_alpha x the chosen response's per-token NLL to dpo/ipo (RPO, Pang et al. 2024).
 Implicit rewards are b (pi - ref) for DPO/IPO, b avg for ORPO/SimPO, the scores for a reward model; reward
 accuracy is the share of pairs whose chosen reward is higher, preference accuracy the share whose chosen
 response the policy itself finds likelier (summed log-probs, no reference).
@@ -175,6 +176,8 @@ class PreferenceObjective:
         if ref is not None:
             kw.update(ref_chosen=ref[:n], ref_rejected=ref[n:])
         losses, rc, rr = preference_loss(self.name, sums[:n], sums[n:], **kw)
+        if self.pcfg.rpo_alpha and self.name in _WITH_REFERENCE:
+            losses = losses - self.pcfg.rpo_alpha * sums[:n] / counts[:n].clamp(min=1)
         metrics = _metrics(rc, rr)
         metrics["logp_chosen"], metrics["logp_rejected"] = sums[:n].detach().mean(), sums[n:].detach().mean()
         metrics["preference_accuracy"] = (sums[:n] > sums[n:]).float().mean()

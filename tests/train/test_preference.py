@@ -214,3 +214,21 @@ def test_full_fine_tune_dpo_precomputes_the_reference_in_a_local_session(tmp_pat
     assert first["train_reward_margin"] == 0.0 and first["train_kl"] == 0.0
     assert last["val_reward_margin"] != 0.0 and "val_kl" in last
     assert (tmp_path / "ck" / "checkpoint_000003" / "model").is_dir()
+
+
+def test_rpo_adds_the_chosen_nll_to_dpo(tiny_tok):
+    from fineray.train.preference import PreferenceObjective
+
+    cfg = load_config(None, ["model.base=tiny:llama", "objective=dpo", "dpo.rpo_alpha=0.5", "lora.r=4"])
+    tok, model = _lora_model()
+    pairs = _pairs(tok, 2)
+    obj = PreferenceObjective(cfg)
+    batch = pair_batch(pairs, tok.pad_token_id, FastPath())
+    with torch.no_grad():
+        loss, m = obj.loss(model, batch, FastPath())
+        sums, counts = document_sums(token_logps(model, batch, FastPath()), batch)
+        with adapter_disabled(model) as base:
+            ref, _ = document_sums(token_logps(base, batch, FastPath()), batch)
+    dpo, _, _ = preference_loss("dpo", sums[:2], sums[2:], ref_chosen=ref[:2], ref_rejected=ref[2:], beta=0.1)
+    assert float(loss) == pytest.approx(float((dpo - 0.5 * sums[:2] / counts[:2]).mean()), rel=1e-5)
+    assert pairs[0].ref is not None  # the frozen reference is kept on the pair for the next epoch
