@@ -58,7 +58,7 @@ def diagnose(history: list[dict[str, Any]]) -> list[dict[str, str]]:
 # A margin of 10 reward units means the chosen response is e^10 times likelier (relative to the reference)
 # than the rejected one: far past separating the pairs, so the rest only moves the policy away.
 _MARGIN_LIMIT = 10.0
-_DISPLACED_NATS = 20.0
+_DISPLACED_NATS = 10.0  # a 35-token answer 10 nats less likely: greedy decoding may no longer produce it
 
 
 def _preference_findings(history: list[dict[str, Any]]) -> list[dict[str, str]]:
