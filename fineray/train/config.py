@@ -277,10 +277,11 @@ class PreferenceConfig(_Section):
         reward_margin: Bradley-Terry margin for `objective: reward` (the chosen score must win by this much).
         rpo_alpha: weight of an added negative log-likelihood of the chosen response (per token; RPO, Pang et
             al. 2024) for dpo and ipo: keeps the chosen responses likely while the margin grows (0: off).
-        reference: where the reference log-probs come from (DPO, IPO). `auto`: the same weights with the
-            adapter disabled for LoRA/DoRA/QLoRA (no second copy), precomputed once for `method: full`.
-            `precomputed`: one Ray Data pass over the pairs before training with the starting policy (base
-            plus `model.adapter` when given), so the reference is the SFT model.
+        reference: where the reference log-probs come from (DPO, IPO). `adapter_disabled`: the same weights
+            with the adapter disabled (LoRA/DoRA/QLoRA; no second copy): the base model. `precomputed`: one Ray
+            Data pass over the pairs before training with the starting policy (base plus `model.adapter`), so
+            when continuing a supervised adapter the reference is that SFT model. `auto`: adapter_disabled for
+            a fresh adapter, precomputed when continuing `model.adapter` or for `method: full`.
         max_prompt_len: prompts longer than this many tokens keep their last tokens (counted as truncated);
             pairs still longer than `data.max_seq_len` are dropped and counted.
     """
@@ -290,7 +291,7 @@ class PreferenceConfig(_Section):
     simpo_gamma: float = Field(0.5, ge=0)
     reward_margin: float = Field(0.0, ge=0)
     rpo_alpha: float = Field(0.0, ge=0)
-    reference: Literal["auto", "precomputed"] = "auto"
+    reference: Literal["auto", "adapter_disabled", "precomputed"] = "auto"
     max_prompt_len: int | None = Field(None, ge=1)
 
     def beta_for(self, objective: str) -> float:
@@ -322,6 +323,9 @@ class RunConfig(_Section):
         if self.method == "qlora" and self.train.strategy == "deepspeed":
             # bitsandbytes 4-bit params cannot be partitioned by ZeRO-3; ZeRO-2 would need dtype juggling.
             raise ValueError("method=qlora cannot run with train.strategy=deepspeed; use ddp or fsdp")
+        if self.dpo.reference == "adapter_disabled" and self.method == "full":
+            raise ValueError("dpo.reference=adapter_disabled needs an adapter method (lora, dora, qlora); a full "
+                             "fine-tune precomputes its reference (dpo.reference: auto)")
         if self.objective != "sft" and self.data.format not in ("auto", "preference"):
             raise ValueError(f"objective={self.objective} trains on preference pairs: data.format must be auto or "
                              f"preference (got {self.data.format})")

@@ -1,5 +1,5 @@
-"""Reference log-probs precomputed once, before training (DPO/IPO with `method: full`, or
-`dpo.reference: precomputed`).
+"""Reference log-probs precomputed once, before training (DPO/IPO with `method: full`, when continuing a
+supervised `model.adapter`, or with `dpo.reference: precomputed`).
 
 The reference is the starting policy: the base model (plus `model.adapter` when given). Its log-probs of
 every pair's chosen and rejected response are computed in one Ray Data pass (actors holding the frozen
@@ -25,7 +25,9 @@ __all__ = ["needs_precomputed_reference", "pair_reference_logps", "precompute_re
 
 def needs_precomputed_reference(cfg: Any) -> bool:
     """Whether the objective needs reference log-probs computed before training."""
-    return cfg.objective in ("dpo", "ipo") and (cfg.method == "full" or cfg.dpo.reference == "precomputed")
+    if cfg.objective not in ("dpo", "ipo") or cfg.dpo.reference == "adapter_disabled":
+        return False
+    return cfg.method == "full" or cfg.dpo.reference == "precomputed" or bool(cfg.model.adapter)
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ class _ReferenceScorer:
 
             model = PeftModel.from_pretrained(model, adapter_path)
         self.model = model.to(self.device).eval()
-        self.batch_size = cfg.train.batch_size
+        self.batch_size = max(8, cfg.train.batch_size)  # inference only: bigger batches than training
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from fineray.train.templates import Tokenized
@@ -95,7 +97,7 @@ def precompute_reference(cfg: Any, adapter_path: str | None = None) -> dict[str,
              "rejected_ids": p.rejected.input_ids, "rejected_labels": p.rejected.labels} for p in pairs.values()]
     sc = cfg.scaling
     threads = int((sc.resources_per_worker or {}).get("CPU", 1))
-    per_block = max(1, cfg.train.batch_size * 4)
+    per_block = max(8, cfg.train.batch_size) * 4
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / per_block), 1000)))
     ds = ds.map_batches(_ReferenceScorer, batch_size=per_block,
                         compute=ray.data.ActorPoolStrategy(size=sc.num_workers),
