@@ -152,6 +152,9 @@ def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_
     # ---------------------------------------------------------------- loop
     if tcfg.eval_on_start and val_prompts and rl.eval_prompts and state.step == 0:
         state.history.append({"step": 0, **evaluate()})
+        if session.rank == 0:
+            print("[fineray] before training: " + " ".join(f"{k}={v:.4g}" for k, v in state.history[-1].items()
+                                                        if isinstance(v, float)), flush=True)
     stream = epoch_batches(train_prompts, per_rank, session.rank, world, tcfg.seed, state.epoch, state.batch_in_epoch)
     while state.step < total_steps:
         epoch, b_idx, items = next(stream)
