@@ -5,7 +5,7 @@
 # compiled, fineray hands DeepSpeed a torch AdamW), bitsandbytes 0.50.2 (only the CUDA 13.0 + CPU libraries),
 # pydantic 2 (the image has none) and what Ray/DeepSpeed import. Must stay under the 64 MiB carry limit.
 # Usage: bench/make_gpu_bundle.sh [OUTDIR=.whl]
-#        bench/make_gpu_bundle.sh strong [OUTDIR=.whl]   # only what bench/gpu_strong.sh needs (~5.3 MB)
+#        bench/make_gpu_bundle.sh strong [OUTDIR=.whl]   # only what bench/gpu_strong.sh and gpu_preference.sh need (~5.3 MB)
 # Install there: python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 #                export PYTHONPATH=/tmp/site:$PWD
 set -euo pipefail

@@ -266,9 +266,29 @@ def _peft_model(side: str, shape: str, device: str) -> torch.nn.Module:
     return model
 
 
+def step_clock(device: str, ends: list[float], losses: list[float], on_step: Any = None) -> Any:
+    """A `TrainerCallback` appending the end time of every optimizer step (the GPU synchronised) to `ends`,
+    every logged training loss to `losses`, and calling `on_step(steps so far)` (a profiler) if given."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+            if on_step:
+                on_step(len(ends))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return Clock()
+
+
 def _hf_run(side: str, name: str, case: Case, device: str, opts: RunOpts) -> dict[str, Any]:
     """One run of an HF `Trainer`-based side (naive `baseline` or `strong`) on the bench's documents."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     if case.method != "lora":
         raise ValueError(f"the {side} side runs LoRA only")
@@ -285,17 +305,7 @@ def _hf_run(side: str, name: str, case: Case, device: str, opts: RunOpts) -> dic
     losses: list[float] = []
     prof = StepProfiler(case.warmup, n_steps - case.warmup, device) if opts.profile_steps else None
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-            if prof:
-                prof.on_step(len(ends))
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    clock = step_clock(device, ends, losses, prof.on_step if prof else None)
 
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -313,7 +323,7 @@ def _hf_run(side: str, name: str, case: Case, device: str, opts: RunOpts) -> dic
             liger = device == "cuda" if opts.liger is None else opts.liger
             attn = opts.strong_attn if opts.strong_attn != "auto" else strong_attention(device)
             model.get_base_model().config._attn_implementation = attn
-            trainer = make_trainer(model, seq, case.batch, n_steps, device, tmp, [Clock()], impl, liger)
+            trainer = make_trainer(model, seq, case.batch, n_steps, device, tmp, [clock], impl, liger)
             apply_liger_now(trainer)  # what train() applies first; the check below must see the same model
             key = (case.shape, attn, impl, liger)
             if key not in _SEPARATION:
@@ -352,7 +362,7 @@ def _hf_run(side: str, name: str, case: Case, device: str, opts: RunOpts) -> dic
                 gradient_checkpointing=False, remove_unused_columns=False, seed=0,
                 disable_tqdm=True, use_cpu=device == "cpu")
             trainer = SeqTrainer(model=model, args=args, train_dataset=DS(), data_collator=collate,
-                                 callbacks=[Clock()])
+                                 callbacks=[clock])
             extra = {"padded_tokens_per_step":
                      sum(case.batch * max(len(docs[i]) for i in b) for b in order) / n_steps}
         trainer.train()

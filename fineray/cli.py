@@ -3,8 +3,8 @@
 
 This module is the entry point (`fineray = "fineray.cli:main"`, `python -m fineray.cli`): it builds the app and
 registers the commands, which live beside it by component: `_cli_train` (train, eval, export, plan, tune),
-`_cli_serve` (serve, generate), `_cli_cluster` (submit, jobs, k8s), `_cli_adapters`, `_cli_data` (audit,
-prepare, from-feedback) and `_cli_federated`;
+`_cli_rl` (rl), `_cli_serve` (serve, generate, score), `_cli_cluster` (submit, jobs, k8s), `_cli_adapters`,
+`_cli_data` (audit, prepare, from-feedback) and `_cli_federated`;
 `_cli_common` holds what they share.
 """
 
@@ -20,13 +20,14 @@ from fineray._cli_cluster import jobs_app, k8s_app, submit
 from fineray._cli_common import print_summary
 from fineray._cli_data import data_app
 from fineray._cli_federated import FEDERATED_COMMANDS, federated_app
-from fineray._cli_serve import generate, serve
+from fineray._cli_rl import rl
+from fineray._cli_serve import generate, score, serve
 from fineray._cli_train import eval_cmd, export, plan, train, tune
 
 __all__ = ["app", "main", "print_summary"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune LLMs on Ray: train, tune, federated, serve, submit; audit and version data.")
+                  help="Fine-tune LLMs on Ray: train, rl, tune, federated, serve, submit; audit and version data.")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
@@ -38,8 +39,10 @@ app.command("eval")(eval_cmd)
 app.command()(export)
 app.command()(plan)
 app.command()(tune)
+app.command()(rl)
 app.command()(serve)
 app.command()(generate)
+app.command()(score)
 app.command()(submit)
 
 

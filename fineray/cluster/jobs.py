@@ -1,4 +1,4 @@
-"""Submit any fineray run (train, tune, federated) to a Ray cluster through the Ray Jobs API; follow, list, stop.
+"""Submit any fineray run (train, tune, federated, rl) to a Ray cluster through the Ray Jobs API; follow, list, stop.
 
 A submission ships a folder as the job's `working_dir`: the resolved run config (`config.yaml`, every default
 written out) plus, for remote clusters, the local data files it names. The entrypoint runs the fineray CLI on the
@@ -58,7 +58,7 @@ __all__ = [
     "wait_for_job",
 ]
 
-KINDS = ("train", "tune", "federated")
+KINDS = ("train", "tune", "federated", "rl")
 #: Process exit status of `fineray submit --wait` / `fineray jobs ...` per terminal job status (130 = like Ctrl-C).
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 CONFIG_NAME = "config.yaml"
@@ -231,7 +231,7 @@ def submit_run(cfg: RunConfig, kind: str, address: str | None = None, *, config_
 
     Args:
         cfg: the loaded run config (`overrides` already applied; they are only recorded in the metadata).
-        kind: `train`, `tune` or `federated` (the fineray command run on the cluster).
+        kind: `train`, `tune`, `federated` or `rl` (the fineray command run on the cluster).
         address: dashboard URL; default `RAY_API_SERVER_ADDRESS` / `RAY_ADDRESS` (see `resolve_address`).
         config_name: file name of the shipped config inside the working dir.
         ship_code: ship this fineray package with the job (`py_modules`); False runs the cluster's fineray.
@@ -246,6 +246,14 @@ def submit_run(cfg: RunConfig, kind: str, address: str | None = None, *, config_
     """
     if kind not in KINDS:
         raise JobError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if kind == "rl":  # the `rl:` section is checked here, not after the job has queued for a cluster
+        from fineray.train.config import ConfigError
+        from fineray.train.rl.config import parse_rl_config
+
+        try:
+            parse_rl_config(cfg)
+        except ConfigError as e:
+            raise JobError(str(e)) from None
     if not config_name or "/" in config_name or config_name.startswith("."):
         raise JobError(f"config_name must be a plain file name, got {config_name!r}")
     client = connect(address, token)

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 #: fineray commands that can run as a RayJob.
-KINDS = ("train", "tune", "federated")
+KINDS = ("train", "tune", "federated", "rl")
 RAY_VERSION = "2.60.0"
 RAY_API_VERSION = "ray.io/v1"
 #: Shared-storage mount point (the PVC) inside every Ray pod.
@@ -89,7 +89,7 @@ def render_rayjob(
             (or `ceil(resources_per_worker.GPU)`); `resources_per_worker.CPU` / `.memory` (bytes, or a quantity
             string) size the pod (defaults: 4 CPUs, 16Gi). An empty `cluster.address` becomes `auto` in the
             stored config, so the job joins the RayJob's cluster instead of starting a private Ray.
-        kind: `train`, `tune` or `federated`.
+        kind: `train`, `tune`, `federated` or `rl`.
         image: the fineray container image for the head and worker pods.
         name: RayJob name (cleaned by `sanitize_name`, at most 47 characters); by default
             `fineray-<kind>-<output.name>` or `fineray-<kind>-<hash of the config>`. The ConfigMap is `<name>-config`.

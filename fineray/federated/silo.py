@@ -247,7 +247,7 @@ class SiloWorker:
 
         storage = self.work_dir / "ray" / f"{self.name}-{rdir.name}"
         trainer = make_trainer(cfg, rdir, adapter_path=str(adapter_dir), storage_path=str(storage),
-                               entry=ray_silo_entry, loop_config={"hooks": vars(hooks)})
+                               entry=ray_silo_entry, extra_config={"hooks": vars(hooks)})
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"silo {self.name}: local training produced no checkpoint")

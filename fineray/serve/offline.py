@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 from fineray.serve.config import BASE_ALIAS
 from fineray.train.config import EMBEDDED_MODEL
 
-__all__ = ["BatchGenerator", "generate_offline"]
+__all__ = ["BatchGenerator", "generate_offline", "map_lines", "resolve_model"]
 
 _OVERRIDES = ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 
@@ -109,28 +110,56 @@ def generate_offline(model_ref: str | None, input_path: str | Path, output_path:
     Returns:
         Summary: records, errors, completion_tokens, wall_s, tokens_per_s, model, output.
     """
-    import ray
-
-    from fineray.cluster.connect import init_ray
-    from fineray.train.registry import AdapterRegistry
-
     t0 = time.perf_counter()
     inp, outp = Path(input_path), Path(output_path)
     if not inp.is_file():
         raise FileNotFoundError(f"input file not found: {inp}")
-    adapter_ref = adapter_path = None
-    if model_ref and model_ref != BASE_ALIAS:
-        reg = AdapterRegistry(registry)
-        version = reg.get(model_ref)  # pin the exact version for every worker
-        adapter_ref, adapter_path = version.ref, str(reg.local_path(version.ref))
-        base = base or version.manifest.get("base_model")
-    base = base or EMBEDDED_MODEL
+    adapter_ref, adapter_path, base = resolve_model(model_ref, registry, base)
     lines = [line for line in inp.read_text().splitlines() if line.strip()]
     defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop or [],
                 "seed": seed}
     stats = {"records": 0, "errors": 0, "completion_tokens": 0}
     outp.parent.mkdir(parents=True, exist_ok=True)
     tmp = outp.with_name(outp.name + ".partial")
+    rows = map_lines(lines, BatchGenerator, {"base": base, "adapter_path": adapter_path, "adapter_ref": adapter_ref,
+                                             "defaults": defaults}, num_workers=num_workers, batch_size=batch_size,
+                     use_gpu=use_gpu, threads_per_worker=threads_per_worker, address=address, num_cpus=num_cpus)
+    with tmp.open("w") as f:
+        for rec in rows:
+            stats["records"] += 1
+            stats["errors"] += "error" in rec
+            stats["completion_tokens"] += (rec.get("usage") or {}).get("completion_tokens", 0)
+            f.write(json.dumps(rec) + "\n")
+    tmp.replace(outp)
+    wall = time.perf_counter() - t0
+    return {**stats, "wall_s": round(wall, 2), "tokens_per_s": round(stats["completion_tokens"] / wall, 1),
+            "model": adapter_ref or base, "base": base, "output": str(outp)}
+
+
+def resolve_model(model_ref: str | None, registry: str, base: str | None) -> tuple[str | None, str | None, str]:
+    """(adapter reference pinned to its version, its local folder, base model) for `--model` (None / `base`:
+    the base model alone; the base defaults to the adapter's manifest, else the embedded model)."""
+    from fineray.train.registry import AdapterRegistry
+
+    adapter_ref = adapter_path = None
+    if model_ref and model_ref != BASE_ALIAS:
+        reg = AdapterRegistry(registry)
+        version = reg.get(model_ref)  # pin the exact version for every worker
+        adapter_ref, adapter_path = version.ref, str(reg.local_path(version.ref))
+        base = base or version.manifest.get("base_model")
+    return adapter_ref, adapter_path, base or EMBEDDED_MODEL
+
+
+def map_lines(lines: list[str], cls: type, kwargs: dict[str, Any], *, num_workers: int = 2, batch_size: int = 16,
+              use_gpu: bool = False, threads_per_worker: int = 1, address: str | None = None,
+              num_cpus: int | None = None) -> Iterator[dict[str, Any]]:
+    """Run JSON lines through a Ray Data callable class (`BatchGenerator` or a subclass) on `num_workers` actors;
+    yields the output records in input order. `kwargs`: the class's constructor arguments besides threads,
+    device and max_batch_size."""
+    import ray
+
+    from fineray.cluster.connect import init_ray
+
     # Workers hold their CPUs for the whole run; one more CPU keeps Ray Data's own tasks schedulable.
     started = init_ray(address, num_cpus or num_workers * (0 if use_gpu else threads_per_worker) + 1)
     try:
@@ -140,25 +169,13 @@ def generate_offline(model_ref: str | None, input_path: str | Path, output_path:
         # (a single file read by `read_text` is one block, and its read task competes with the actors).
         ds = ray.data.from_items([{"text": line} for line in lines],
                                  override_num_blocks=max(1, min(math.ceil(len(lines) / batch_size), 1000)))
-        ds = ds.map_batches(BatchGenerator, batch_size=batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=num_workers),
+        ds = ds.map_batches(cls, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_workers),
                             num_cpus=0 if use_gpu else threads_per_worker, num_gpus=1 if use_gpu else 0,
-                            fn_constructor_kwargs={"base": base, "adapter_path": adapter_path,
-                                                   "adapter_ref": adapter_ref, "defaults": defaults,
-                                                   "threads": threads_per_worker,
+                            fn_constructor_kwargs={**kwargs, "threads": threads_per_worker,
                                                    "device": "cuda" if use_gpu else "cpu",
                                                    "max_batch_size": batch_size})
-        with tmp.open("w") as f:
-            for row in ds.iter_rows():
-                rec = json.loads(row["text"])
-                stats["records"] += 1
-                stats["errors"] += "error" in rec
-                stats["completion_tokens"] += (rec.get("usage") or {}).get("completion_tokens", 0)
-                f.write(row["text"] + "\n")
+        for row in ds.iter_rows():
+            yield json.loads(row["text"])
     finally:
         if started:
             ray.shutdown()
-    tmp.replace(outp)
-    wall = time.perf_counter() - t0
-    return {**stats, "wall_s": round(wall, 2), "tokens_per_s": round(stats["completion_tokens"] / wall, 1),
-            "model": adapter_ref or base, "base": base, "output": str(outp)}

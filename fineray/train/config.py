@@ -28,6 +28,8 @@ __all__ = [
     "ScalingConfig",
     "OutputConfig",
     "ClusterConfig",
+    "PreferenceConfig",
+    "OBJECTIVES",
     "RunConfig",
     "load_config",
     "load_yaml",
@@ -40,6 +42,9 @@ __all__ = [
 ]
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+#: Training objectives: supervised (`sft`), the DPO family on preference pairs, and a Bradley-Terry reward model.
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "reward")
+_FORMATS = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt"]
 
 
 class ConfigError(ValueError):
@@ -85,7 +90,7 @@ class DatasetSpec(_Section):
     path: str
     weight: float = Field(1.0, gt=0)
     task_prefix: str | None = None
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text"] | None = None
+    format: _FORMATS | None = None
 
 
 class DataConfig(_Section):
@@ -105,7 +110,7 @@ class DataConfig(_Section):
 
     train: str | list[DatasetSpec] = "fineray:support-tickets"
     validation: str | float | None = 0.1
-    format: Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text"] = "auto"
+    format: _FORMATS = "auto"
     max_seq_len: int = Field(512, ge=8)
     packing: bool | Literal["auto"] = "auto"
     train_on_prompt: bool = False
@@ -201,6 +206,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False
     eval_every: int = Field(50, ge=1)
+    eval_on_start: bool = Field(False, description="evaluate once before the first step (row `step: 0`)")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation batches per eval")
     early_stopping_patience: int | None = Field(None, ge=1)
     seed: int = 42
@@ -260,12 +266,47 @@ class EvalConfig(_Section):
     metrics: list[str] = ["exact_match", "rouge_l", "bleu", "json_valid", "field_accuracy"]
 
 
+class PreferenceConfig(_Section):
+    """The `dpo:` section: settings of the preference objectives (`objective: dpo | ipo | orpo | simpo | reward`).
+
+    Attributes:
+        beta: strength of the implicit KL constraint (DPO, IPO), the odds-ratio weight (ORPO) or the reward
+            scale (SimPO). Default: 0.1, and 2.0 for SimPO.
+        label_smoothing: assumed share of flipped labels (conservative DPO / SimPO), in [0, 0.5).
+        simpo_gamma: SimPO's target reward margin.
+        reward_margin: Bradley-Terry margin for `objective: reward` (the chosen score must win by this much).
+        rpo_alpha: weight of an added negative log-likelihood of the chosen response (per token; RPO, Pang et
+            al. 2024) for dpo and ipo: keeps the chosen responses likely while the margin grows (0: off).
+        reference: where the reference log-probs come from (DPO, IPO). `adapter_disabled`: the same weights
+            with the adapter disabled (LoRA/DoRA/QLoRA; no second copy): the base model. `precomputed`: one Ray
+            Data pass over the pairs before training with the starting policy (base plus `model.adapter`), so
+            when continuing a supervised adapter the reference is that SFT model. `auto`: adapter_disabled for
+            a fresh adapter, precomputed when continuing `model.adapter` or for `method: full`.
+        max_prompt_len: prompts longer than this many tokens keep their last tokens (counted as truncated);
+            pairs still longer than `data.max_seq_len` are dropped and counted.
+    """
+
+    beta: float | None = Field(None, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    simpo_gamma: float = Field(0.5, ge=0)
+    reward_margin: float = Field(0.0, ge=0)
+    rpo_alpha: float = Field(0.0, ge=0)
+    reference: Literal["auto", "adapter_disabled", "precomputed"] = "auto"
+    max_prompt_len: int | None = Field(None, ge=1)
+
+    def beta_for(self, objective: str) -> float:
+        """`beta`, or the objective's default."""
+        return self.beta if self.beta is not None else (2.0 if objective == "simpo" else 0.1)
+
+
 class RunConfig(_Section):
     """A whole fine-tuning run. Sections are typed; extra top-level sections are owned by components
     (`tune`, `federated`) and validated by them."""
 
     model: ModelConfig = ModelConfig()
     method: Literal["lora", "dora", "qlora", "full"] = "lora"
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo", "reward"] = "sft"
+    dpo: PreferenceConfig = PreferenceConfig()
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -275,12 +316,19 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     tune: dict[str, Any] | None = None
     federated: dict[str, Any] | None = None
+    rl: dict[str, Any] | None = None  # GRPO (`fineray rl`), validated by fineray.train.rl
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         if self.method == "qlora" and self.train.strategy == "deepspeed":
             # bitsandbytes 4-bit params cannot be partitioned by ZeRO-3; ZeRO-2 would need dtype juggling.
             raise ValueError("method=qlora cannot run with train.strategy=deepspeed; use ddp or fsdp")
+        if self.dpo.reference == "adapter_disabled" and self.method == "full":
+            raise ValueError("dpo.reference=adapter_disabled needs an adapter method (lora, dora, qlora); a full "
+                             "fine-tune precomputes its reference (dpo.reference: auto)")
+        if self.objective != "sft" and self.data.format not in ("auto", "preference"):
+            raise ValueError(f"objective={self.objective} trains on preference pairs: data.format must be auto or "
+                             f"preference (got {self.data.format})")
         return self
 
     def to_dict(self) -> dict[str, Any]:

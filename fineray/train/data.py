@@ -30,7 +30,7 @@ __all__ = [
     "load_train_val",
 ]
 
-FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text")
+FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt")
 
 
 class DataError(ValueError):
@@ -39,12 +39,14 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    """One normalised training example."""
+    """One normalised training example. A preference pair is a conversation ending in the chosen response,
+    with the rejected response beside it (`rejected`); supervised objectives train on the chosen one."""
 
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    rejected: str | None = None
 
 
 def _builtin(name: str) -> Path:
@@ -58,6 +60,11 @@ BUILTIN_DATASETS: dict[str, str] = {
     "fineray:support-tickets/val": "support_tickets_val.jsonl",
     "fineray:support-tickets/test": "support_tickets_test.jsonl",
     "fineray:general-text": "general_text.jsonl",
+    # preference pairs of the same tickets: the correct JSON answer over a corrupted one
+    "fineray:support-pairs": "support_pairs_train.jsonl",
+    "fineray:support-pairs/train": "support_pairs_train.jsonl",
+    "fineray:support-pairs/val": "support_pairs_val.jsonl",
+    "fineray:support-pairs/test": "support_pairs_test.jsonl",
 }
 
 
@@ -160,6 +167,8 @@ def _read_hub(name: str) -> list[tuple[dict[str, Any], str]]:
 
 def detect_format(record: dict[str, Any]) -> str:
     """Guess a record's format from its keys."""
+    if "chosen" in record and "rejected" in record:  # before `messages`: UltraFeedback rows carry both
+        return "preference"
     if "messages" in record:
         return "chat"
     if "conversations" in record:
@@ -170,9 +179,11 @@ def detect_format(record: dict[str, Any]) -> str:
         return "completion"
     if "text" in record:
         return "text"
+    if "prompt" in record:  # a prompt without an answer: RL prompts (GRPO)
+        return "prompt"
     raise DataError(
         f"cannot detect the format from keys {sorted(record)}; expected one of messages | conversations | "
-        "instruction+output | prompt+completion | text (or set data.format)"
+        "instruction+output | prompt+completion | text | chosen+rejected | prompt (or set data.format)"
     )
 
 
@@ -198,6 +209,21 @@ def to_example(record: dict[str, Any], fmt: str, system_prompt: str | None = Non
         fmt = detect_format(record)
     if fmt == "text":
         return Example(text=_need_str(record, "text"))
+    if fmt == "preference":
+        from fineray.train.pairs import preference_example
+
+        return preference_example(record, system_prompt, task_prefix)
+    if fmt == "prompt":  # no response to learn from: the record's other columns go to the reward functions
+        p = record.get("prompt")
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise DataError("field 'prompt' must be a string or a non-empty list of {role, content} messages")
+        msgs = [dict(m) for m in msgs]
+        if system_prompt and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        return Example(messages=msgs, meta={"record": record})
     if fmt == "alpaca":
         instr, out = _need_str(record, "instruction"), _need_str(record, "output")
         inp = record.get("input") or ""

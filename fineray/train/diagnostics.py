@@ -4,6 +4,10 @@ Each check returns a finding with a plain-language hint:
 * overfitting: validation loss rising over the last evals while training loss keeps falling;
 * plateau: training loss stops improving early (the first half of the run reached the final level);
 * erratic: step-to-step training loss jumps large relative to its level (learning rate too high?).
+Preference runs (rows with `val_reward_margin`) are also checked for
+* margin_explodes: the reward margin grew past what separating the pairs needs (over-optimisation), or the
+  chosen responses' log-probs fell while the margin grew (both sides pushed down: likelihood displacement);
+* accuracy_stalls: reward accuracy flat and low over the last evals.
 """
 
 from __future__ import annotations
@@ -48,4 +52,35 @@ def diagnose(history: list[dict[str, Any]]) -> list[dict[str, str]]:
             findings.append({"kind": "erratic", "message":
                              "training loss jumps a lot between steps: lower train.lr, raise batch_size or "
                              "grad_accum, or enable train.grad_clip"})
+    return findings + _preference_findings(history)
+
+
+# A margin of 10 reward units means the chosen response is e^10 times likelier (relative to the reference)
+# than the rejected one: far past separating the pairs, so the rest only moves the policy away.
+_MARGIN_LIMIT = 10.0
+_DISPLACED_NATS = 10.0  # a 35-token answer 10 nats less likely: greedy decoding may no longer produce it
+
+
+def _preference_findings(history: list[dict[str, Any]]) -> list[dict[str, str]]:
+    evals = [r for r in history if "val_reward_margin" in r]
+    findings: list[dict[str, str]] = []
+    if not evals:
+        return findings
+    first, last = evals[0], evals[-1]
+    margin = last["val_reward_margin"]
+    if margin > _MARGIN_LIMIT:
+        findings.append({"kind": "margin_explodes", "message":
+                         f"the validation reward margin reached {margin:.1f}: far past what separating the pairs "
+                         "needs; raise dpo.beta, lower train.lr or train fewer steps"})
+    elif ("val_logp_chosen" in last and len(evals) >= 2 and margin > first["val_reward_margin"]
+          and last["val_logp_chosen"] < first["val_logp_chosen"] - _DISPLACED_NATS):
+        findings.append({"kind": "margin_explodes", "message":
+                         f"the margin grew while the chosen responses' log-prob fell by "
+                         f"{first['val_logp_chosen'] - last['val_logp_chosen']:.1f} nats (both sides pushed "
+                         "down): consider objective=ipo, a larger dpo.beta, or an SFT term (objective=orpo)"})
+    acc = [r["val_reward_accuracy"] for r in evals[-3:]]
+    if len(evals) >= 3 and max(acc) - min(acc) < 0.02 and acc[-1] < 0.6:
+        findings.append({"kind": "accuracy_stalls", "message":
+                         f"validation reward accuracy stalled at {acc[-1]:.2f} over the last 3 evals: raise "
+                         "train.lr, check that chosen and rejected differ in the data, or lower dpo.beta"})
     return findings

@@ -84,7 +84,10 @@ def load_eval_examples(cfg: RunConfig, data: str | None = None) -> tuple[list[Ex
     src = data or cfg.eval.data or (cfg.data.validation if isinstance(cfg.data.validation, str) else None)
     if src is None:
         raise ValueError("no held-out set: set eval.data (or data.validation to a file)")
-    examples = load_examples(src, cfg.data.format, cfg.data.on_error, cfg.data.system_prompt)
+    # Generation is scored against supervised answers: preference pairs or bare prompts train, but the
+    # held-out set of a preference or RL run is read with its own (detected) format.
+    fmt = "auto" if cfg.data.format in ("preference", "prompt") else cfg.data.format
+    examples = load_examples(src, fmt, cfg.data.on_error, cfg.data.system_prompt)
     general = load_examples(cfg.eval.general_text, "text") if cfg.eval.general_text else None
     return examples, general
 

@@ -30,7 +30,8 @@ from fineray.train.packing import (
 )
 from fineray.train.templates import IGNORE_INDEX, Tokenized
 
-__all__ = ["FastPath", "apply_fast_path", "decoder_layers", "forward_loss", "make_batch", "resolve_fast"]
+__all__ = ["FastPath", "apply_fast_path", "decoder_layers", "forward_loss", "make_batch", "model_inputs",
+           "resolve_fast"]
 
 
 @dataclass
@@ -66,7 +67,8 @@ def _auto(value: Any, default: bool) -> bool:
 def resolve_fast(cfg: Any, use_gpu: bool, dtype: torch.dtype | None = None) -> FastPath:
     """Turn the `auto` switches into on/off for this device (and weight dtype)."""
     f = cfg.train.fast
-    packing = _auto(cfg.data.packing, use_gpu)
+    # A reward model reads its score at each row's last token of a left-padded batch: never packed.
+    packing = _auto(cfg.data.packing, use_gpu) and getattr(cfg, "objective", "sft") != "reward"
     attention = None
     if packing:
         attention = f.packing_attention
@@ -152,15 +154,19 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def model_inputs(batch: dict[str, Any], fast: FastPath) -> dict[str, Any]:
+    """The model's forward kwargs for a batch from `make_batch` (packed: positions and document bounds)."""
+    if fast.packing:
+        return packed_model_inputs(batch, fast.attention)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 def forward_loss(model: torch.nn.Module, batch: dict[str, Any], fast: FastPath) -> tuple[torch.Tensor, int]:
     """Mean loss over the batch's target tokens and their count (same value as the plain HF loss), for a
     batch from `make_batch`."""
     labels = batch["labels"]
     n_target = batch["n_target"]  # counted on the host by make_batch
-    if fast.packing:
-        inputs = packed_model_inputs(batch, fast.attention)
-    else:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = model_inputs(batch, fast)
     if fast.head is None:
         return model(**inputs, labels=labels).loss, n_target
     targets = torch.full_like(labels, IGNORE_INDEX)

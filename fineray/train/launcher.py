@@ -12,12 +12,14 @@ Run directory (`output.dir/output.name`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from fineray.train.diagnostics import diagnose
 from fineray.train.registry import AdapterRegistry
 
 __all__ = ["TrainingError", "run_train", "make_trainer", "resolve_adapter", "dataset_fingerprint",
-           "write_run_outputs", "run_dir_for"]
+           "write_run_outputs", "run_dir_for", "plot_curves"]
 
 
 class TrainingError(RuntimeError):
@@ -77,16 +79,25 @@ def dataset_fingerprint(cfg: RunConfig) -> str:
 def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = None, board: Any = None,
                  storage_path: str | None = None, callbacks: list[Any] | None = None,
                  entry: Callable[[dict[str, Any]], None] | None = None,
-                 loop_config: dict[str, Any] | None = None) -> Any:
+                 extra_config: dict[str, Any] | None = None) -> Any:
     """A Ray Train `TorchTrainer` for this config (workers, resources, storage, retries, checkpoints).
 
-    `entry` replaces the per-worker function (default `fineray.train.loop.ray_worker_entry`; the federated
-    silo passes its own, which runs the same loop with its hooks) and `loop_config` adds keys to its config.
+    `entry` replaces the training loop's worker function (GRPO's loop; the federated silo's, which runs the same loop with its hooks) and `extra_config` adds entries to
+    its `train_loop_config` (actor handles). Preference runs that need precomputed reference log-probs get
+    them here, from one Ray Data pass, so sweeps and single runs share it.
     """
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fineray.train.loop import ray_worker_entry
+    from fineray.train.reference import needs_precomputed_reference, precompute_reference
+
+    adapter_path = adapter_path or resolve_adapter(cfg)  # sweeps pass none: their trials continue it too
+    loop_config = {"run": cfg.to_dict(), "adapter_path": adapter_path, "progress_board": board,
+                   **(extra_config or {})}
+    if needs_precomputed_reference(cfg):
+        loop_config["reference_logps"] = ray.put(precompute_reference(cfg, adapter_path))
 
     # Ray Train V2 patches `print` in its workers to log through its logger *and* (because Ray wraps the
     # worker's stdout) print again: every step line reached the console twice. The trainer passes this
@@ -98,8 +109,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = No
         resources.setdefault("CPU", 1)
     return TorchTrainer(
         entry or ray_worker_entry,
-        train_loop_config={"run": cfg.to_dict(), "adapter_path": adapter_path, "progress_board": board,
-                           **(loop_config or {})},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=resources or None),
@@ -112,20 +122,23 @@ def make_trainer(cfg: RunConfig, run_dir: Path, *, adapter_path: str | None = No
     )
 
 
-def _plot_loss(history: list[dict[str, Any]], out: Path) -> None:
+def plot_curves(history: list[dict[str, Any]], out: Path, train_key: str, val_key: str, labels: tuple[str, str],
+                ylabel: str) -> None:
+    """A PNG of `train_key` (a line) and `val_key` (points at evals) over the steps of a metric history."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in history], [r["train_loss"] for r in history if "train_loss" in r][: len(history)],
-            label="train loss")
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    train = [(r["step"], r[train_key]) for r in history if train_key in r]
+    if train:
+        ax.plot(*zip(*train), label=labels[0])
+    val = [(r["step"], r[val_key]) for r in history if val_key in r]
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val), "o-", label=labels[1])
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -145,7 +158,8 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, ckpt_dir: Path, wall_s: flo
     shutil.copy(ckpt_dir / "metrics.jsonl", run_dir / "metrics.jsonl")
     train_rows = [r for r in history if "train_loss" in r]
     if train_rows:
-        _plot_loss(train_rows, run_dir / "loss.png")
+        plot_curves(history, run_dir / "loss.png", "train_loss", "val_loss", ("train loss", "validation loss"),
+                    "loss (nats/token)")
     vals = [r["val_loss"] for r in history if "val_loss" in r]
     tps = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
     summary = {
@@ -160,14 +174,23 @@ def write_run_outputs(cfg: RunConfig, run_dir: Path, ckpt_dir: Path, wall_s: flo
         "data": {k[5:]: v for k, v in final_metrics.items() if k.startswith("data_")},
         "diagnostics": diagnose(history), "weights_dir": str(dest),
     }
+    evals = [r for r in history if "val_loss" in r]
+    if evals and cfg.objective != "sft":  # the preference metrics of the first and last evaluation
+        summary["val_first"] = {k: v for k, v in evals[0].items() if k.startswith("val_")}
+        summary["val_last"] = {k: v for k, v in evals[-1].items() if k.startswith("val_")}
     return summary
 
 
 def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = None,
-              callbacks: list[Any] | None = None, check_data: bool = True) -> dict[str, Any]:
+              callbacks: list[Any] | None = None, entry: Callable[[dict[str, Any]], None] | None = None,
+              services: Callable[[RunConfig], AbstractContextManager[dict[str, Any]]] | None = None,
+              lineage: dict[str, Any] | None = None, check_data: bool = True) -> dict[str, Any]:
     """Fine-tune per `cfg` on Ray Train; write the run directory; register the adapter; return the summary.
 
     Re-running with the same `output.dir` + `output.name` resumes from the run's latest checkpoint.
+    `entry`, `services` and `lineage` are for loops built on this one (GRPO): the worker function, a context
+    started inside the Ray cluster that yields extra worker config (e.g. rollout actors) and stops them after
+    training, and extra lineage for the registry.
 
     Args:
         check_data: run the cheap data checks first (exact duplicates, leakage, length overflow) and print
@@ -183,7 +206,11 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
     from fineray.train.data import load_train_val
     from fineray.train.model import resolve_base
 
-    load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named) before any worker starts
+    train_ex, _ = load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named)
+    if cfg.objective != "sft":
+        from fineray.train.pairs import check_pairs
+
+        check_pairs(train_ex, cfg.objective)
     data_check = _check_data(cfg) if check_data else None
     from fineray.train.preflight import format_plan, plan_run
 
@@ -198,9 +225,11 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         from fineray.train._progress import ProgressBoard, watch_progress
 
         board = ProgressBoard()
-        trainer = make_trainer(cfg, run_dir, adapter_path=adapter_path, board=board, callbacks=callbacks,
-                               storage_path=ray_storage)
-        with watch_progress(board, cfg.train.max_steps, enabled=progress):
+        with contextlib.ExitStack() as stack:
+            extra = stack.enter_context(services(cfg)) if services else None
+            trainer = make_trainer(cfg, run_dir, adapter_path=adapter_path, board=board, callbacks=callbacks,
+                                   storage_path=ray_storage, entry=entry, extra_config=extra)
+            stack.enter_context(watch_progress(board, cfg.train.max_steps, enabled=progress))
             try:
                 result = trainer.fit()
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause
@@ -216,6 +245,8 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         summary = write_run_outputs(cfg, run_dir, Path(ckpt_dir), wall, final)
     summary["run_dir"] = str(run_dir)
     do_eval = cfg.eval.enabled if evaluate is None else evaluate
+    if do_eval and cfg.objective == "reward":  # a score head generates nothing: its metrics are the evals'
+        do_eval = False
     if do_eval:
         from fineray.train.evaluate import evaluate_run
 
@@ -230,10 +261,14 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         metrics = {k: summary[k] for k in ("val_loss", "train_loss_last", "steps", "tokens_per_s")}
         if summary["tuned_metrics"]:
             metrics.update({k: v for k, v in summary["tuned_metrics"].items() if isinstance(v, (int, float))})
-        lineage = {"run_dir": str(run_dir), "datasets": datasets, "parent": _parent_ref(cfg)}
+        if cfg.objective != "sft":
+            hp["objective"], hp["dpo"] = cfg.objective, cfg.dpo.model_dump(mode="json")
+            metrics.update(summary.get("val_last") or {})
         version = reg.register(_registry_name(cfg), summary["weights_dir"], base_model=cfg.model.base,
                                method=cfg.method, hyperparameters=hp, dataset_fingerprint=dataset_fingerprint(cfg),
-                               metrics=metrics, lineage=lineage)
+                               metrics=metrics, kind="reward" if cfg.objective == "reward" else "adapter",
+                               lineage={"run_dir": str(run_dir), "datasets": datasets, "parent": _parent_ref(cfg),
+                                        "objective": cfg.objective, **(lineage or {})})
         summary["registry_ref"] = version.ref
         summary["registry_uri"] = version.uri
     summary["data_check"] = data_check

@@ -95,9 +95,11 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
 
 
 def load_base_model(cfg: ModelConfig, *, method: str = "lora", use_gpu: bool = False,
-                    path: str | None = None, device: torch.device | str | None = None) -> torch.nn.Module:
-    """Load the base causal LM (4-bit NF4 for QLoRA)."""
-    from transformers import AutoModelForCausalLM
+                    path: str | None = None, device: torch.device | str | None = None,
+                    score_head: bool = False) -> torch.nn.Module:
+    """Load the base causal LM (4-bit NF4 for QLoRA); `score_head`: the same backbone with a scalar score
+    head instead of the LM head (a reward model, `AutoModelForSequenceClassification` with one label)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = path or resolve_base(cfg.base)
     dtype = pick_dtype(cfg.dtype, use_gpu)
@@ -107,8 +109,11 @@ def load_base_model(cfg: ModelConfig, *, method: str = "lora", use_gpu: bool = F
         kwargs["quantization_config"] = qlora_quantization_config(use_gpu)
         if use_gpu and device is not None:
             kwargs["device_map"] = {"": device}
+    if score_head:
+        kwargs["num_labels"] = 1
+    auto = AutoModelForSequenceClassification if score_head else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         if Path(path).exists():
             raise ModelError(f"model.base {cfg.base!r}: failed to load from {path}: {e}") from e
@@ -138,10 +143,11 @@ def qlora_quantization_config(use_gpu: bool) -> Any:
 
 
 def apply_peft(model: torch.nn.Module, method: str, lora: LoraConfig, adapter_path: str | None = None,
-               grad_checkpointing: bool = False) -> torch.nn.Module:
+               grad_checkpointing: bool = False, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap the base with a fresh LoRA/DoRA adapter, or continue from `adapter_path`.
 
-    `method=full` returns the model itself with every parameter trainable.
+    `method=full` returns the model itself with every parameter trainable. `task_type="SEQ_CLS"` (a reward
+    model) also trains and saves the score head.
     """
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -176,7 +182,7 @@ def apply_peft(model: torch.nn.Module, method: str, lora: LoraConfig, adapter_pa
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         use_dora=method == "dora",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, peft_cfg)
 

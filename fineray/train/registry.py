@@ -3,8 +3,10 @@
 Layout (a local folder or a storage URI such as `s3://bucket/adapters`):
     <root>/<name>/v<N>/adapter_config.json
     <root>/<name>/v<N>/adapter_model.safetensors
-    <root>/<name>/v<N>/manifest.json     base model, method, hyperparameters, dataset fingerprint, metrics,
-                                         created time, lineage, sha256 of every file
+    <root>/<name>/v<N>/manifest.json     kind (`adapter`, or `reward` for a reward model), base model, method,
+                                         hyperparameters, dataset fingerprint, metrics, created time, lineage
+                                         (run dir, parent adapter, objective, reward functions), sha256 of
+                                         every file
 A version is published atomically: files are staged in a hidden folder and renamed into place (local), or
 uploaded with the manifest last (object stores: a version without manifest is invisible). Train, tune,
 federated and serve all read and write adapters through this class.
@@ -152,10 +154,12 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ writing
     def register(self, name: str, src_dir: str | Path, *, base_model: str, method: str,
                  hyperparameters: dict[str, Any] | None = None, dataset_fingerprint: str | None = None,
-                 metrics: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None) -> AdapterVersion:
-        """Publish the files of `src_dir` as the next version of `name`."""
+                 metrics: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None,
+                 kind: str = "adapter") -> AdapterVersion:
+        """Publish the files of `src_dir` as the next version of `name` (`kind`: `adapter`, or `reward` for a
+        reward model's score head + adapter)."""
         return self.publish(name, src_dir, {
-            "base_model": base_model, "method": method, "hyperparameters": hyperparameters or {},
+            "kind": kind, "base_model": base_model, "method": method, "hyperparameters": hyperparameters or {},
             "dataset_fingerprint": dataset_fingerprint, "metrics": metrics or {},
             "lineage": lineage or {},
         })

@@ -58,8 +58,10 @@ def prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_example(tokenizer: Any, ex: Example, train_on_prompt: bool = False) -> Tokenized:
-    """Token ids and labels of one example."""
+def tokenize_example(tokenizer: Any, ex: Example, train_on_prompt: bool = False,
+                     last_turn_only: bool = False) -> Tokenized:
+    """Token ids and labels of one example (`last_turn_only`: labels on the final assistant turn only, as
+    preference objectives score one response)."""
     if ex.text is not None:
         ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
@@ -67,6 +69,8 @@ def tokenize_example(tokenizer: Any, ex: Example, train_on_prompt: bool = False)
         return Tokenized(ids, list(ids))
     assert ex.messages is not None
     text, spans = render_chat(tokenizer, ex.messages)
+    if last_turn_only:
+        spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if train_on_prompt:

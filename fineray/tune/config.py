@@ -40,7 +40,11 @@ __all__ = [
 # Metrics the training loop itself reports at every eval (usable by ASHA / median stopping). Anything else
 # (e.g. field_accuracy, rouge_l) comes from the held-out evaluation each trial runs after training.
 TRAINING_METRICS = frozenset({"val_loss", "val_ppl", "train_loss", "trainable_params", "tokens_per_s",
-                              "time_total_s", "step"})
+                              "time_total_s", "step",
+                              # preference objectives (dpo, ipo, orpo, simpo, reward) at every eval
+                              "val_reward_accuracy", "val_reward_margin", "val_chosen_reward",
+                              "val_rejected_reward", "val_logp_chosen", "val_logp_rejected", "val_kl",
+                              "val_preference_accuracy"})
 # Distribution name -> number of arguments.
 _ARITY = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
 

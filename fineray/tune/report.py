@@ -162,10 +162,13 @@ def register_best(base: dict[str, Any], tcfg: TuneConfig, best: dict[str, Any], 
     name = tcfg.registry_name or default_registry_name(cfg, sweep_name)
     hp = {"method": cfg.method, "lora": cfg.lora.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
           "num_workers": cfg.scaling.num_workers, "searched": best["params"]}
+    if cfg.objective != "sft":  # preference objectives: what was trained, besides what was searched
+        hp["objective"], hp["dpo"] = cfg.objective, cfg.dpo.model_dump(mode="json")
     metrics = {k: v for k, v in best["metrics"].items() if _finite(v)}
     metrics["steps"] = best.get("step")
     lineage = {"sweep_id": sweep_name, "sweep_dir": sweep_uri, "trial_id": best["trial_id"],
-               "objective": dict(zip(tcfg.metrics, tcfg.modes)), "checkpoint": ckpt}
+               "objective": dict(zip(tcfg.metrics, tcfg.modes)), "checkpoint": ckpt,
+               "parent": cfg.model.adapter, "training_objective": cfg.objective}
     reg = AdapterRegistry(cfg.output.registry)
     with tempfile.TemporaryDirectory(prefix="fineray-best-") as tmp:
         if storage.is_remote(sweep_uri):
@@ -175,7 +178,8 @@ def register_best(base: dict[str, Any], tcfg: TuneConfig, best: dict[str, Any], 
             ckpt_dir = Path(ckpt)
         version = reg.register(name, weights_dir(ckpt_dir), base_model=cfg.model.base, method=cfg.method,
                                hyperparameters=hp, dataset_fingerprint=dataset_fingerprint(cfg),
-                               metrics=metrics, lineage=lineage)
+                               metrics=metrics, lineage=lineage,
+                               kind="reward" if cfg.objective == "reward" else "adapter")
     return version.ref
 
 

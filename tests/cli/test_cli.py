@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,25 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path):
 
     p = run("adapters", "show", "nope", "--registry", str(tmp_path / "reg"), cwd=tmp_path, check=False)
     assert p.returncode == 1 and "no adapter named 'nope'" in p.stderr
+
+
+def test_preference_and_rl_commands_give_clear_errors(tmp_path: Path):
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' * 4)
+    (tmp_path / "dpo.yaml").write_text("model: {base: 'tiny:llama'}\nobjective: dpo\ndata: {train: sft.jsonl}\n")
+    p = run("train", "dpo.yaml", "--no-progress", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and re.search(r"sft\.jsonl:\d: not a preference pair", p.stderr)
+
+    p = run("rl", "dpo.yaml", "objective=sft", "--no-progress", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "no `rl:` section" in p.stderr
+    p = run("rl", "dpo.yaml", "objective=sft", "rl.rewards=[{name: jsn}]", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "rl.rewards.0" in p.stderr and "unknown built-in reward 'jsn'" in p.stderr
+    p = run("rl", "dpo.yaml", "objective=sft", "rl.rewards=[{function: nope_module:fn}]", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "cannot load nope_module:fn" in p.stderr
+
+    p = run("generate", "--critique", "missing.yaml", "--input", "sft.jsonl", "--output", "o.jsonl", cwd=tmp_path,
+            check=False)
+    assert p.returncode == 1 and "config file not found: missing.yaml" in p.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+    p = run("submit", "dpo.yaml", "--kind", "rl", "--address", "http://127.0.0.1:1", cwd=tmp_path, check=False)
+    assert p.returncode == 1 and "no `rl:` section" in p.stderr

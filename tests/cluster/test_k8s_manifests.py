@@ -65,6 +65,7 @@ def test_base_has_every_piece():
         "PersistentVolumeClaim/fineray-shared",
         "RayCluster/fineray",
         "RayJob/fineray-federated",
+        "RayJob/fineray-rl",
         "RayJob/fineray-train",
         "RayJob/fineray-tune",
         "RayService/fineray-serve",
@@ -167,7 +168,7 @@ def test_sample_configs_are_valid_run_configs():
     samples.update({f"base/{k}": v for k, v in cm["data"].items()})
     for path in sorted((K8S / "overlays" / "cpu-dev" / "configs").glob("*.yaml")):
         samples[f"cpu-dev/{path.name}"] = path.read_text()
-    assert len(samples) == 6
+    assert len(samples) == 8
     for label, text in samples.items():
         data = yaml.safe_load(text)
         cfg = config.validate_config(data, label)
@@ -177,6 +178,9 @@ def test_sample_configs_are_valid_run_configs():
         if label.endswith("tune.yaml"):
             tune = pytest.importorskip("fineray.tune.config")
             tune.validate_search_space(cfg, tune.parse_tune_config(cfg))
+        if label.endswith("rl.yaml"):
+            rl = pytest.importorskip("fineray.train.rl.config")
+            assert rl.parse_rl_config(cfg).rewards, label
 
 
 def test_secret_stub_holds_no_secret():
@@ -206,7 +210,7 @@ def test_dockerfile():
 @pytest.mark.parametrize("target", ["base", "overlays/cpu-dev", "overlays/gpu"])
 def test_kustomize_renders_and_everything_validates(target):
     docs = rendered(target)
-    assert of_kind(docs, "RayCluster") and len(of_kind(docs, "RayJob")) == 3 and of_kind(docs, "RayService")
+    assert of_kind(docs, "RayCluster") and len(of_kind(docs, "RayJob")) == 4 and of_kind(docs, "RayService")
     for doc in docs:
         assert_valid(doc)
     images = {
@@ -248,7 +252,7 @@ def test_cpu_dev_overlay():
     (pvc,) = of_kind(docs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
     (cm,) = of_kind(docs, "ConfigMap")
-    for key in ("config.yaml", "tune.yaml", "federated.yaml"):
+    for key in ("config.yaml", "tune.yaml", "federated.yaml", "rl.yaml"):
         assert yaml.safe_load(cm["data"][key])["scaling"]["use_gpu"] is False
     for label, spec in cluster_specs(docs):
         assert spec["authOptions"] == {"mode": "token"}, label  # operator-generated token

@@ -27,3 +27,16 @@ def test_plateau_and_erratic():
 def test_healthy_run_has_no_findings():
     hist = [{"train_loss": 3 - 0.05 * i, **({"val_loss": 3 - 0.05 * i} if i % 5 == 0 else {})} for i in range(30)]
     assert diagnose(hist) == []
+
+
+def _evals(*rows):
+    return [{"step": 10 * i, "val_loss": 0.5, **dict(zip(("val_reward_accuracy", "val_reward_margin",
+                                                           "val_logp_chosen"), r))} for i, r in enumerate(rows)]
+
+
+def test_preference_margin_explosion_displacement_and_stall():
+    assert "margin_explodes" in _kinds(_evals((0.9, 1.0, -1.0), (1.0, 14.0, -1.5)))
+    # the DPO run at lr 5e-4 on the support pairs: the chosen answers lost 19 nats while the margin grew
+    assert "margin_explodes" in _kinds(_evals((0.95, 0.88, -0.98), (0.90, 3.9, -13.8), (0.89, 4.1, -20.1)))
+    assert "accuracy_stalls" in _kinds(_evals((0.52, 0.1, -5), (0.53, 0.1, -5), (0.52, 0.1, -5)))
+    assert _kinds(_evals((0.6, 0.2, -5), (0.8, 1.0, -5.5), (0.95, 2.0, -6))) == set()

@@ -209,3 +209,28 @@ def test_failing_trials_are_retried_listed_and_do_not_kill_the_sweep(tmp_path: P
     assert all(r["attempts"] == 2 for r in res.trials)
     assert res.best == {} and res.registry_ref is None and res.best_config_path is None
     assert not (tmp_path / "adapters").exists()
+
+
+def test_a_dpo_sweep_optimises_held_out_reward_accuracy(tmp_path: Path, shared_ray) -> None:
+    """A sweep over dpo.beta on preference pairs works like any sweep: the objective is a preference metric the
+    loop reports at every eval (so ASHA can act on it), and the best adapter is registered."""
+    from fineray.train.config import validate_config
+    from fineray.tune import run_sweep
+
+    # Prepare
+    data = {**SWEEP, "objective": "dpo",
+            "data": {"train": "fineray:support-pairs", "validation": "fineray:support-pairs/val", "max_seq_len": 256,
+                     "max_examples": 16},
+            "train": {**SWEEP["train"], "max_steps": 4, "eval_batches": 2},
+            "output": {"dir": str(tmp_path / "runs"), "registry": str(tmp_path / "adapters"), "name": "dpo-sw"},
+            "tune": {"metric": "val_reward_accuracy", "mode": "max", "num_samples": 2, "seed": 0,
+                     "scheduler": {"type": "none"}, "search_space": {"dpo.beta": {"choice": [0.05, 0.5]}}}}
+    # Execute
+    res = run_sweep(validate_config(data), progress=False)
+    # Assert
+    assert [r["status"] for r in res.trials] == ["TERMINATED", "TERMINATED"] and not res.errors
+    assert all(0 <= r["val_reward_accuracy"] <= 1 and "val_kl" in r for r in res.trials)
+    assert res.best["val_reward_accuracy"] == max(r["val_reward_accuracy"] for r in res.trials)
+    manifest = AdapterRegistry(str(tmp_path / "adapters")).get(res.registry_ref).manifest
+    assert manifest["hyperparameters"]["objective"] == "dpo" and manifest["lineage"]["training_objective"] == "dpo"
+    assert manifest["hyperparameters"]["searched"]["dpo.beta"] in (0.05, 0.5)
