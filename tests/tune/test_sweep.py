@@ -229,8 +229,9 @@ def test_a_dpo_sweep_optimises_held_out_reward_accuracy(tmp_path: Path, shared_r
     res = run_sweep(validate_config(data), progress=False)
     # Assert
     assert [r["status"] for r in res.trials] == ["TERMINATED", "TERMINATED"] and not res.errors
-    assert all(0 <= r["val_reward_accuracy"] <= 1 and "val_kl" in r for r in res.trials)
-    assert res.best["val_reward_accuracy"] == max(r["val_reward_accuracy"] for r in res.trials)
+    accuracies = [r["metrics"]["val_reward_accuracy"] for r in res.trials]
+    assert all(0 <= a <= 1 for a in accuracies)
+    assert res.best["metrics"]["val_reward_accuracy"] == max(accuracies)
     manifest = AdapterRegistry(str(tmp_path / "adapters")).get(res.registry_ref).manifest
     assert manifest["hyperparameters"]["objective"] == "dpo" and manifest["lineage"]["training_objective"] == "dpo"
     assert manifest["hyperparameters"]["searched"]["dpo.beta"] in (0.05, 0.5)
