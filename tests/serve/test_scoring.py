@@ -47,3 +47,19 @@ def test_reward_model_scores_conversations_offline(tmp_path, adapter_dirs, share
     assert len(set(direct)) == 3
     with pytest.raises(ValueError, match="alpha@v1 is not a reward model"):
         score_offline("alpha", tmp_path / "in.jsonl", tmp_path / "x.jsonl", registry=str(reg.root))
+
+    # The same model as a GRPO reward: an actor scores the prompt + completion conversations.
+    import ray
+
+    from fineray.train.rl.config import RewardSpec
+    from fineray.train.rl.rewards import RewardModelWorker, score_completions
+
+    actor = ray.remote(RewardModelWorker).options(num_cpus=0).remote("rm", str(reg.root))
+    try:
+        res = score_completions([RewardSpec(model="rm", weight=2.0)], ["q"] * 3, [c[1]["content"] for c in convs],
+                                {"references": [None] * 3, "completion_tokens": [1] * 3, "records": [{}] * 3},
+                                convs, {"rm": actor})
+    finally:
+        ray.kill(actor)
+    assert res.scores[:, 0].tolist() == pytest.approx(direct, rel=1e-5) and not res.failures
+    assert res.total([2.0]).tolist() == pytest.approx([2 * d for d in direct], rel=1e-5)
