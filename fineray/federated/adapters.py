@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fineray.cluster.storage import atomic_dir
+from fineray.base.storage import atomic_dir
 from fineray.federated._lora import lora_pairs, scale_lora
 from fineray.federated.strategies.base import BaseDelta
 from fineray.federated.strategies.flexlora import factored_svd, truncate_for_rank

@@ -116,7 +116,7 @@ def run_silo(coordinator_url: str, name: str, data: str, token: str | None = Non
         cfg = validate_config(apply_overrides(settings, list(overrides or [])), f"silo {name}")
         work = Path(work_dir or f"fineray-silo-{name}").resolve()
         if trainer == "ray":
-            from fineray.cluster.connect import ray_cluster
+            from fineray.base.connect import ray_cluster
 
             with ray_cluster(cfg.cluster.address, num_cpus or cfg.cluster.num_cpus):
                 worker = SiloWorker(name, cfg, data, validation, work, trainer="ray")

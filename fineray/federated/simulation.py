@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fineray.cluster.connect import init_ray
+from fineray.base.connect import init_ray
 from fineray.federated.config import FederatedConfig, SiloSpec, federated_config
 from fineray.federated.federation import Federation
 from fineray.federated.outputs import check_run_config, federation_run_dir, finalize

@@ -376,7 +376,7 @@ def build_application(cfg: ServeConfig) -> Any:
     model = ModelServer.options(**model_opts).bind(cfg_dict, hub)
     extra = []
     if cfg.log_requests:  # opt-in request log + feedback (fineray.serve.requestlog)
-        from fineray.cluster.storage import is_remote
+        from fineray.base.storage import is_remote
         from fineray.serve.requestlog import RequestLog
 
         uri = cfg.log_requests if is_remote(cfg.log_requests) else str(Path(cfg.log_requests).expanduser().resolve())

@@ -33,7 +33,7 @@ def read_table(uri: str, table: str, columns: list[str] | None = None) -> list[d
     """Every row of a log table (`requests` or `feedback`) under `uri`, oldest part first."""
     import pyarrow.parquet as pq
 
-    from fineray.cluster import storage
+    from fineray.base import storage
 
     fs, path = storage.open_fs(uri)
     rows: list[dict[str, Any]] = []
@@ -49,7 +49,7 @@ def _write_part(uri: str, table: str, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fineray.cluster import storage
+    from fineray.base import storage
 
     fs, path = storage.open_fs(uri)
     sink = pa.BufferOutputStream()

@@ -84,7 +84,7 @@ def run_server(cfg: ServeConfig, *, blocking: bool = True, ready_timeout_s: floa
     """
     from ray import serve
 
-    from fineray.cluster.connect import init_ray
+    from fineray.base.connect import init_ray
     from fineray.serve.app import APP_NAME, build_application
     from fineray.serve.auth import KeyStore
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fineray.cluster.storage import atomic_dir
+from fineray.base.storage import atomic_dir
 
 __all__ = ["LoopState", "save_checkpoint", "load_checkpoint", "unwrap", "save_weights", "write_jsonl"]
 

@@ -38,6 +38,9 @@ __all__ = [
     "section_for",
     "apply_overrides",
     "config_hash",
+    "file_fields",
+    "is_uri_or_name",
+    "NAME_PREFIXES",
     "EMBEDDED_MODEL",
 ]
 
@@ -424,35 +427,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
-    def fix(p: Any) -> Any:
-        if isinstance(p, str) and p and not _is_uri_or_name(p) and not Path(p).is_absolute():
-            cand = base / p
-            if cand.exists():
-                return str(cand)
-        return p
-
-    d = data.get("data")
-    if isinstance(d, dict):
-        if isinstance(d.get("train"), list):
-            for spec in d["train"]:
-                if isinstance(spec, dict) and "path" in spec:
-                    spec["path"] = fix(spec["path"])
-        elif "train" in d:
-            d["train"] = fix(d["train"])
-        if isinstance(d.get("validation"), str):
-            d["validation"] = fix(d["validation"])
-    ev = data.get("eval")
-    if isinstance(ev, dict) and isinstance(ev.get("data"), str):
-        ev["data"] = fix(ev["data"])
-    fed = data.get("federated")
-    if isinstance(fed, dict):
-        for silo in fed.get("silos") or []:
-            if isinstance(silo, dict) and isinstance(silo.get("data"), str):
-                silo["data"] = fix(silo["data"])
+    for container, key, _ in file_fields(data):
+        p = container[key]
+        if not Path(p).expanduser().is_absolute() and (base / p).exists():
+            container[key] = str(base / p)
 
 
-def _is_uri_or_name(p: str) -> bool:
-    return "://" in p or p.startswith(("fineray:", "embedded:", "tiny:", "hf:", "dataset:"))
+#: Prefixes of values that name a built-in or hub dataset or model rather than a local file.
+NAME_PREFIXES = ("fineray:", "embedded:", "tiny:", "hf:", "dataset:")
+
+
+def is_uri_or_name(value: str) -> bool:
+    """A storage URI (`s3://...`) or a built-in / hub / registry name (`fineray:`, `hf:`, `dataset:`, ...)."""
+    return "://" in value or value.startswith(NAME_PREFIXES)
+
+
+def _section(node: Any, key: str) -> dict[str, Any]:
+    value = node.get(key) if isinstance(node, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def file_fields(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
+    """Every field of a plain run config that names a local input file, as (container, key, dotted label).
+
+    The fields: `data.train` (or each `data.train[i].path`), `data.validation`, `eval.data`,
+    `eval.general_text`, `train.deepspeed.config_file` and `federated.silos[i].data`, where they hold a path
+    (not a URI, a built-in or hub name, or a number). Loading resolves them against the config file's folder;
+    job submission ships them. Assigning `container[key]` rewrites the config.
+    """
+    d = _section(data, "data")
+    slots: list[tuple[dict[str, Any], str, str]] = []
+    if isinstance(d.get("train"), list):
+        slots += [(spec, "path", f"data.train[{i}].path") for i, spec in enumerate(d["train"]) if isinstance(spec, dict)]
+    else:
+        slots.append((d, "train", "data.train"))
+    slots.append((d, "validation", "data.validation"))
+    ev = _section(data, "eval")
+    slots += [(ev, "data", "eval.data"), (ev, "general_text", "eval.general_text")]
+    slots.append((_section(_section(data, "train"), "deepspeed"), "config_file", "train.deepspeed.config_file"))
+    silos = _section(data, "federated").get("silos")
+    if isinstance(silos, list):
+        slots += [(s, "data", f"federated.silos[{i}].data") for i, s in enumerate(silos) if isinstance(s, dict)]
+    return [(c, k, label) for c, k, label in slots
+            if isinstance(c.get(k), str) and c[k] and not is_uri_or_name(c[k])]
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fineray.cluster import storage
+from fineray.base import storage
 from fineray.train.registry import AdapterRegistry, AdapterVersion, RegistryError, sha256_file, validate_name
 
 __all__ = ["DATASETS_DIR", "PART_ROWS", "DatasetRef", "DatasetRegistry", "PartWriter", "parse_dataset_ref",

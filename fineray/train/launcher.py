@@ -25,14 +25,15 @@ from typing import Any
 
 import yaml
 
-from fineray.cluster import storage
-from fineray.cluster.connect import ray_cluster
+from fineray.base import storage
+from fineray.base.connect import ray_cluster
+from fineray.base.runs import default_run_name, registry_name
 from fineray.train.config import RunConfig
 from fineray.train.diagnostics import diagnose
 from fineray.train.registry import AdapterRegistry
 
 __all__ = ["TrainingError", "run_train", "make_trainer", "resolve_adapter", "dataset_fingerprint",
-           "write_run_outputs", "run_dir_for", "plot_curves"]
+           "write_run_outputs", "run_dir_for", "plot_curves", "root_cause"]
 
 
 class TrainingError(RuntimeError):
@@ -46,8 +47,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
     `output.dir/output.name` at the end; Ray Train checkpoints go to the remote storage directly.
     """
     if not cfg.output.name:
-        base = cfg.model.base.split(":")[-1].split("/")[-1]
-        cfg.output.name = f"{base}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.output.name = default_run_name("train", model=cfg.model.base, method=cfg.method)
     if storage.is_remote(cfg.output.dir):
         from fineray.train._cache import cache_dir
 
@@ -233,7 +233,7 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
             try:
                 result = trainer.fit()
             except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause
-                raise TrainingError(f"training failed: {_root_cause(e)} (Ray storage: {run_dir / 'ray'})") from e
+                raise TrainingError(f"training failed: {root_cause(e)} (Ray storage: {run_dir / 'ray'})") from e
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise TrainingError(f"training produced no checkpoint (see {run_dir / 'ray'})")
@@ -264,7 +264,7 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         if cfg.objective != "sft":
             hp["objective"], hp["dpo"] = cfg.objective, cfg.dpo.model_dump(mode="json")
             metrics.update(summary.get("val_last") or {})
-        version = reg.register(_registry_name(cfg), summary["weights_dir"], base_model=cfg.model.base,
+        version = reg.register(registry_name(cfg.output.name, "adapter"), summary["weights_dir"], base_model=cfg.model.base,
                                method=cfg.method, hyperparameters=hp, dataset_fingerprint=dataset_fingerprint(cfg),
                                metrics=metrics, kind="reward" if cfg.objective == "reward" else "adapter",
                                lineage={"run_dir": str(run_dir), "datasets": datasets, "parent": _parent_ref(cfg),
@@ -303,18 +303,9 @@ def _parent_ref(cfg: RunConfig) -> str | None:
     return AdapterRegistry(cfg.output.registry).get(ref).ref
 
 
-def _registry_name(cfg: RunConfig) -> str:
-    import re
-
-    name = cfg.output.name or "adapter"
-    # Timestamped run names register under their stem, so repeated runs become versions of one adapter.
-    return re.sub(r"-\d{8}-\d{6}$", "", name)[:64]
-
-
-def _root_cause(e: BaseException) -> str:
-    seen = e
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    tail = [line for line in text if line.strip()][-3:]
-    return f"{type(seen).__name__}: {' | '.join(tail)}"
+def root_cause(e: BaseException) -> str:
+    """`Type: last lines` of the innermost cause of `e` (Ray wraps a worker's error in its own exceptions)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [x for x in str(e).strip().splitlines() if x.strip()][-3:]
+    return f"{type(e).__name__}: {' | '.join(lines)}"

@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from fineray.cluster import storage
+from fineray.base import storage
 from fineray.train._cache import cache_dir
 
 __all__ = ["RegistryError", "AdapterVersion", "AdapterRegistry", "validate_name", "parse_ref", "sha256_file"]

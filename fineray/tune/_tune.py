@@ -16,7 +16,7 @@ import ray.tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from fineray.cluster import storage
+from fineray.base import storage
 
 __all__ = ["LIVE", "PersistentASHA", "Searcher", "SweepCallback", "trial_dirname", "trial_record"]
 

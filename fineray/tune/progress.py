@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any, Self
 
-from fineray.cluster import storage
+from fineray.base import storage
 from fineray.tune.config import TuneConfig
 from fineray.tune.state import snapshot
 from fineray.tune.trainable import append_line

@@ -15,7 +15,7 @@ import re
 import time
 from typing import Any
 
-from fineray.cluster import storage
+from fineray.base import storage
 
 __all__ = ["StateDamaged", "damaged", "repair", "snapshot", "state_files"]
 

@@ -30,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from fineray.cluster import storage
+from fineray.base import storage
+from fineray.base.runs import default_run_name
 from fineray.train.config import ConfigError, RunConfig, validate_config
 from fineray.tune.config import (
     TRAINING_METRICS,
@@ -93,7 +94,7 @@ def check_objectives(cfg: RunConfig, tcfg: TuneConfig) -> None:
 
 def _sweep_uri(cfg: RunConfig) -> str:
     if not cfg.output.name:
-        cfg.output.name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.output.name = default_run_name("tune")
     if storage.is_remote(cfg.output.dir):
         return storage.join(cfg.output.dir, cfg.output.name)
     return str(Path(cfg.output.dir).expanduser().resolve() / cfg.output.name)

@@ -139,7 +139,7 @@ def _history(result):
 
 @pytest.fixture(scope="module")
 def ray2(tmp_path_factory, shared_ray):
-    from fineray.cluster.connect import ray_cluster
+    from fineray.base.connect import ray_cluster
 
     with ray_cluster(None, num_cpus=2):
         yield tmp_path_factory.mktemp("ray-strategies")
