@@ -225,14 +225,6 @@ def submit_run(cfg: RunConfig, kind: str, address: str | None = None, *, config_
         check_kind(kind)
     except ValueError as e:
         raise JobError(str(e)) from None
-    if kind == "rl":  # the `rl:` section is checked here, not after the job has queued for a cluster
-        from fineray.train.config import ConfigError
-        from fineray.train.rl.config import parse_rl_config
-
-        try:
-            parse_rl_config(cfg)
-        except ConfigError as e:
-            raise JobError(str(e)) from None
     if not config_name or "/" in config_name or config_name.startswith("."):
         raise JobError(f"config_name must be a plain file name, got {config_name!r}")
     client = connect(address, token)

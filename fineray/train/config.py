@@ -319,7 +319,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     tune: dict[str, Any] | None = None
     federated: dict[str, Any] | None = None
-    rl: dict[str, Any] | None = None  # GRPO (`fineray rl`), validated by fineray.train.rl
+    rl: dict[str, Any] | None = None  # GRPO (`fineray rl`), validated by fineray.rl
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from fineray.base import storage
+from fineray.base.connect import ray_cluster
 from fineray.base.runs import default_run_name
 from fineray.train.config import ConfigError, RunConfig, validate_config
 from fineray.tune.config import (
@@ -109,86 +110,18 @@ def _local_dir(sweep_uri: str, name: str) -> Path:
     return Path(sweep_uri)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
-def _kill_half_started(port: int) -> None:
-    """A failed `ray.init` leaves the processes it started (GCS, dashboard, ...) running: end those of this
-    process's children that belong to that cluster (they name its GCS port)."""
-    try:
-        import psutil
-    except ImportError:  # not a declared dependency: without it they end with this process (fate-sharing)
-        return
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if any(a.endswith((f":{port}", f"={port}")) for a in child.cmdline()):
-                child.kill()
-        except psutil.Error:
-            pass
-
-
-def _start_private_ray(cfg: RunConfig, kwargs: dict[str, Any]) -> None:
-    import ray
-    from ray._private.services import get_node_ip_address
-
-    port = _free_port()
-    saved = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}, **kwargs)
-    except Exception:
-        _kill_half_started(port)
-        raise
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = saved
-
-
 @contextlib.contextmanager
 def _ray(cfg: RunConfig) -> Iterator[None]:
-    """Ray for the sweep: a private local cluster, or the configured cluster.
+    """Ray for the sweep: a private local cluster (with the dashboard, pinned by address), or the configured one.
 
-    Why the private cluster gets a fixed GCS port and `RAY_ADDRESS` in its workers' environment: when Tune stops
-    a trial (ASHA), the trial's Ray Train controller dies with it and Train V2's PlacementGroupCleaner frees
-    the workers' placement group only after seeing the controller dead through the State API. That API
-    finds "the" cluster by address; with several Ray clusters on one machine (or no dashboard) the lookup
-    fails, the group leaks, and later trials wait forever for CPUs. Worker logs stay in Ray's log files.
+    Why the dashboard and the pinned address (`fineray.base.connect`): when Tune stops a trial (ASHA), the
+    trial's Ray Train controller dies with it and Train V2's PlacementGroupCleaner frees the workers' placement
+    group only after seeing the controller dead through the State API. That API finds "the" cluster by
+    address; with several Ray clusters on one machine (or no dashboard) the lookup fails, the group leaks, and
+    later trials wait forever for CPUs. Worker logs stay in Ray's log files.
     """
-    import ray
-
-    if ray.is_initialized():
+    with ray_cluster(cfg.cluster.address, cfg.cluster.num_cpus, log_to_driver=False):
         yield
-        return
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        for attempt in (1, 2):
-            try:
-                _start_private_ray(cfg, kwargs)
-                break
-            except Exception as e:  # Ray raises a bare Exception when its node does not start
-                # An overloaded machine can miss Ray's startup timeouts (raylet waiting for the dashboard
-                # agent); one fresh attempt usually gets through.
-                ray.shutdown()
-                if attempt == 2 or "timed out during startup" not in str(e):
-                    raise
-                log.warning("Ray did not start in time (%s); trying once more", e)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _trainable(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sweep_uri: str) -> Any:

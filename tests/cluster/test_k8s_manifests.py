@@ -180,7 +180,7 @@ def test_sample_configs_are_valid_run_configs():
             tune = pytest.importorskip("fineray.tune.config")
             tune.validate_search_space(cfg, tune.parse_tune_config(cfg))
         if label.endswith("rl.yaml"):
-            rl = pytest.importorskip("fineray.train.rl.config")
+            rl = pytest.importorskip("fineray.rl.config")
             assert rl.parse_rl_config(cfg).rewards, label
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fineray.train.config import ConfigError, RunConfig
-from fineray.train.rl.config import RlConfig, parse_rl_config
+from fineray.rl.config import RlConfig, parse_rl_config
 
 __all__ = ["rollout_backend", "run_rl"]
 
@@ -41,7 +41,7 @@ def _check_rewards(cfg: RunConfig, rl: RlConfig) -> None:
     import os
 
     from fineray.train.registry import AdapterRegistry, RegistryError
-    from fineray.train.rl.rewards import load_callable
+    from fineray.rl.rewards import load_callable
 
     for spec in rl.rewards:
         if spec.function:
@@ -64,8 +64,8 @@ def _services(rl: RlConfig, backend: str) -> Any:
     def start(cfg: RunConfig) -> Iterator[dict[str, Any]]:
         import ray
 
-        from fineray.train.rl._rollout import RolloutWorker
-        from fineray.train.rl.rewards import RewardModelWorker
+        from fineray.rl._rollout import RolloutWorker
+        from fineray.rl.rewards import RewardModelWorker
 
         ro, use_gpu, world = rl.rollout, cfg.scaling.use_gpu, cfg.scaling.num_workers
         threads = ro.threads or (None if use_gpu else _cpus())
@@ -107,7 +107,7 @@ def run_rl(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = Non
         TrainingError: the run failed (the message names the root cause).
     """
     from fineray.train.launcher import plot_curves, run_train
-    from fineray.train.rl._loop import rl_worker_entry
+    from fineray.rl._loop import rl_worker_entry
 
     rl = parse_rl_config(cfg)
     backend = rollout_backend(cfg, rl)

@@ -23,11 +23,11 @@ from fineray.train.logprobs import adapter_disabled, shifted_targets, token_logp
 from fineray.train.loop import make_scheduler, mixed_precision, resume_state, static_metrics, worker_config
 from fineray.train.model import count_parameters, load_for_training, pick_dtype
 from fineray.train.packing import document_ids
-from fineray.train.rl._grpo import group_advantages, policy_loss, token_weights
-from fineray.train.rl._prompts import PromptItem, build_prompts
-from fineray.train.rl._rollout import Rollout, adapter_files, engine_generate, policy_generate
-from fineray.train.rl.config import parse_rl_config
-from fineray.train.rl.rewards import RewardResult, score_completions
+from fineray.rl._grpo import group_advantages, policy_loss, token_weights
+from fineray.rl._prompts import PromptItem, build_prompts
+from fineray.rl._rollout import Rollout, adapter_files, engine_generate, policy_generate
+from fineray.rl.config import parse_rl_config
+from fineray.rl.rewards import RewardResult, score_completions
 from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
 from fineray.train.templates import IGNORE_INDEX, Tokenized
