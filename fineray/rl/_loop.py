@@ -83,7 +83,7 @@ def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_
     model = apply_fast_path(model, fast)
     data_stats: dict[str, int] = {}
     train_prompts, val_prompts = build_prompts(cfg, tok, rl.max_new_tokens, data_stats)
-    strategy = make_strategy(cfg, session)
+    strategy = make_strategy(cfg.train, session, base_name=cfg.model.base)
     model, optimizer = strategy.prepare(model)
     model.train()
 

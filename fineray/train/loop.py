@@ -168,7 +168,7 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     model = apply_fast_path(model, fast)
     data_stats: dict[str, int] = {}
     train_data, val_data = objective.build_data(cfg, tok, data_stats)
-    strategy = make_strategy(cfg, session)
+    strategy = make_strategy(cfg.train, session, base_name=cfg.model.base)
     model, optimizer = strategy.prepare(model)
     # Reference log-probs need the starting weights: before a checkpoint is loaded.
     objective.prepare(unwrap(model), train_data + val_data, tok.pad_token_id, session.device, tcfg.batch_size)
