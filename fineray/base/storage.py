@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-__all__ = ["StorageError", "atomic_dir", "open_fs", "is_remote", "join", "atomic_write_bytes", "read_bytes",
+__all__ = ["StorageError", "atomic_dir", "atomic_file", "open_fs", "is_remote", "join", "atomic_write_bytes", "read_bytes",
            "upload_dir", "download_dir", "exists", "listdir", "remove_tree", "rename"]
 
 
@@ -66,12 +66,10 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as f:  # a single PUT: atomic on object stores
             f.write(data)
@@ -112,6 +110,19 @@ def rename(fs: pafs.FileSystem, src: str, dest: str) -> None:
         os.rename(src, dest)  # raises if dest is a non-empty dir: no silent overwrite
     else:
         fs.move(src, dest)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path to write (e.g. by a library that takes a file name); on success it
+    replaces `target` in one rename, so readers see the old or the new file; on error it is removed."""
+    target = Path(target)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ Sweep folder (`output.dir/output.name`, default name `sweep-<timestamp>`; local 
     sweep.json           the run config with its tune section (what `--resume` restarts from)
     tune/                Ray Tune experiment state (Tuner.restore)
     tune-snapshot/       the last clean copy of Tune's state (see state.py)
-    asha_state.json      ASHA's rungs (Tune does not save scheduler state; see _tune.PersistentASHA)
+    asha_state.json      ASHA's rungs (Tune does not save scheduler state; see plugins.PersistentASHA)
     trials/<trial_id>/   each trial's Ray Train run, attempts.jsonl and final.json
     trials.jsonl         one line per finished trial, appended live
     results.json         all trial records, best trial, Pareto front, errors
@@ -159,7 +159,7 @@ def _concurrency(cfg: RunConfig, tcfg: TuneConfig) -> int:
 def _scheduler(cfg: RunConfig, tcfg: TuneConfig, sweep_uri: str) -> Any:
     from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
 
-    from fineray.tune._tune import PersistentASHA
+    from fineray.tune.plugins import PersistentASHA
 
     s = tcfg.scheduler
     if s.type == "none":
@@ -186,7 +186,7 @@ def _scheduler(cfg: RunConfig, tcfg: TuneConfig, sweep_uri: str) -> Any:
 def _new_tuner(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sweep_uri: str) -> Any:
     from ray import tune
 
-    from fineray.tune._tune import Searcher, SweepCallback, trial_dirname
+    from fineray.tune.plugins import Searcher, SweepCallback, trial_dirname
 
     multi = len(tcfg.metrics) > 1
     searcher = Searcher(space={k: d.to_optuna() for k, d in space.items()},
@@ -224,7 +224,7 @@ def _read_lines(fs: Any, path: str) -> list[dict[str, Any]]:
 
 def _execute(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sweep_uri: str, *,
              restore: bool, progress: bool) -> SweepResult:
-    from fineray.tune._tune import LIVE
+    from fineray.tune.plugins import LIVE
 
     name = cfg.output.name
     fs, path = storage.open_fs(sweep_uri)

@@ -54,7 +54,7 @@ def test_asha_rungs_survive_a_restore(tmp_path: Path) -> None:
 
     from ray.tune.schedulers import TrialScheduler
 
-    from fineray.tune._tune import PersistentASHA
+    from fineray.tune.plugins import PersistentASHA
 
     def make() -> PersistentASHA:
         return PersistentASHA(time_attr="step", metric="val_loss", mode="min", grace_period=2, reduction_factor=2,
