@@ -31,9 +31,9 @@ from typing import IO, Any
 
 import yaml
 
-from fineray.cluster._auth import JobError, connect, is_local_address, resolve_address, translate_error
 from fineray.base.runs import check_kind, default_run_name, run_stem, timestamp
 from fineray.base.storage import is_remote, join
+from fineray.cluster._auth import JobError, connect, is_local_address, resolve_address, translate_error
 from fineray.train.config import RunConfig, config_hash, file_fields, validate_config
 
 __all__ = [

@@ -49,11 +49,12 @@ from fineray.federated.config import FederatedConfig
 from fineray.federated.dp import DPAccountant
 from fineray.federated.state import FederationSnapshot, load_snapshot, save_snapshot
 from fineray.federated.wire import SubmitError, pack_tensors, sha256_bytes
+from fineray.train.config import RunConfig
 
 __all__ = ["Federation", "RoundState", "SubmitError", "compat_hash", "trainable_keys"]
 
 
-def compat_hash(run_cfg: Any, fcfg: FederatedConfig) -> str:
+def compat_hash(run_cfg: RunConfig, fcfg: FederatedConfig) -> str:
     """Hash of the settings a checkpoint depends on (rounds, timeouts and paths may change on resume)."""
     import hashlib
     import json
@@ -76,7 +77,7 @@ class Federation:
         init_adapter: ``() -> (tensors, adapter_config)`` for round 0 (default: PEFT's init of the base).
     """
 
-    def __init__(self, run_cfg: Any, fcfg: FederatedConfig, state_dir: str | Path, *,
+    def __init__(self, run_cfg: RunConfig, fcfg: FederatedConfig, state_dir: str | Path, *,
                  clock: Callable[[], float] = time.monotonic, noise_generator: torch.Generator | None = None,
                  init_adapter: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> None:
         self.run_cfg, self.fcfg, self.state_dir = run_cfg, fcfg, Path(state_dir)

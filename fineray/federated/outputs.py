@@ -21,11 +21,12 @@ from fineray.base.runs import default_run_name, registry_name
 from fineray.federated.adapters import write_adapter_dir
 from fineray.federated.config import FederatedConfig
 from fineray.federated.report import FederationResult, plot_curves, version_eval
+from fineray.train.config import RunConfig
 
 __all__ = ["check_run_config", "federation_run_dir", "finalize"]
 
 
-def check_run_config(cfg: Any, fcfg: FederatedConfig) -> None:
+def check_run_config(cfg: RunConfig, fcfg: FederatedConfig) -> None:
     """Run-config rules of a federation (the federated section itself is checked by its model).
 
     Raises:
@@ -42,7 +43,7 @@ def check_run_config(cfg: Any, fcfg: FederatedConfig) -> None:
                           "weights, which a 4-bit (qlora) base cannot hold; use method: lora")
 
 
-def federation_run_dir(cfg: Any, fcfg: FederatedConfig) -> Path:
+def federation_run_dir(cfg: RunConfig, fcfg: FederatedConfig) -> Path:
     """``output.dir/output.name``; the name defaults to ``federated-<strategy>-<timestamp>``."""
     if not cfg.output.name:
         cfg.output.name = default_run_name("federated", strategy=fcfg.strategy)
@@ -52,7 +53,7 @@ def federation_run_dir(cfg: Any, fcfg: FederatedConfig) -> Path:
     return run_dir
 
 
-def finalize(cfg: Any, fcfg: FederatedConfig, fed: Any, run_dir: Path, *, comparison: list[dict[str, Any]] | None,
+def finalize(cfg: RunConfig, fcfg: FederatedConfig, fed: Any, run_dir: Path, *, comparison: list[dict[str, Any]] | None,
              wall_s: float) -> FederationResult:
     """Exports the global adapter, registers it, writes ``rounds.jsonl``, ``curves.png``, ``summary.json``."""
     import json

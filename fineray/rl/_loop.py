@@ -16,18 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fineray.train.batches import epoch_batches
-from fineray.train.checkpoint import LoopState
-from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
-from fineray.train.logprobs import adapter_disabled, shifted_targets, token_logps
-from fineray.train.loop import make_scheduler, mixed_precision, resume_state, static_metrics, worker_config
-from fineray.train.model import count_parameters, load_for_training, pick_dtype
-from fineray.train.packing import document_ids
 from fineray.rl._grpo import group_advantages, policy_loss, token_weights
 from fineray.rl._prompts import PromptItem, build_prompts
 from fineray.rl._rollout import Rollout, adapter_files, engine_generate, policy_generate
 from fineray.rl.config import parse_rl_config
 from fineray.rl.rewards import RewardResult, score_completions
+from fineray.train.batches import epoch_batches
+from fineray.train.checkpoint import LoopState
+from fineray.train.config import RunConfig
+from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
+from fineray.train.logprobs import adapter_disabled, shifted_targets, token_logps
+from fineray.train.loop import make_scheduler, mixed_precision, resume_state, static_metrics, worker_config
+from fineray.train.model import count_parameters, load_for_training, pick_dtype
+from fineray.train.packing import document_ids
 from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
 from fineray.train.templates import IGNORE_INDEX, Tokenized
@@ -64,7 +65,7 @@ def policy_batches(seqs: list[Tokenized], advantages: list[float], weights: list
     return out
 
 
-def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_from: str | None = None,
+def rl_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None, resume_from: str | None = None,
             services: dict[str, Any] | None = None) -> LoopState:
     """Run GRPO per `cfg` (`rl:` section) on this worker; returns the final loop state.
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fineray.train.config import ConfigError, RunConfig
 from fineray.rl.config import RlConfig, parse_rl_config
+from fineray.train.config import ConfigError, RunConfig
 
 __all__ = ["rollout_backend", "run_rl"]
 
@@ -40,8 +40,8 @@ def _check_rewards(cfg: RunConfig, rl: RlConfig) -> None:
     """Fail before any worker starts: user functions that do not import, reward models not registered."""
     import os
 
-    from fineray.train.registry import AdapterRegistry, RegistryError
     from fineray.rl.rewards import load_callable
+    from fineray.train.registry import AdapterRegistry, RegistryError
 
     for spec in rl.rewards:
         if spec.function:
@@ -106,8 +106,8 @@ def run_rl(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = Non
         ConfigError: a bad `rl:` section, a reward function that does not load, an unknown reward model.
         TrainingError: the run failed (the message names the root cause).
     """
-    from fineray.train.launcher import plot_curves, run_train
     from fineray.rl._loop import rl_worker_entry
+    from fineray.train.launcher import plot_curves, run_train
 
     rl = parse_rl_config(cfg)
     backend = rollout_backend(cfg, rl)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fineray.base import storage
+from fineray.train.config import RunConfig
 from fineray.train.registry import AdapterRegistry, AdapterVersion, RegistryError, sha256_file, validate_name
 
 __all__ = ["DATASETS_DIR", "PART_ROWS", "DatasetRef", "DatasetRegistry", "PartWriter", "parse_dataset_ref",
@@ -108,7 +109,7 @@ def resolve_dataset(ref: str) -> Path:
     return reg.local_path(version.ref) / r.split
 
 
-def pin_dataset_refs(cfg: Any) -> list[str]:
+def pin_dataset_refs(cfg: RunConfig) -> list[str]:
     """Qualify and pin every `dataset:` reference of a run config in place (registry: `output.registry`,
     version: the latest when none is given), so every worker reads the same version; returns `name@vN`
     of each for the adapter's lineage."""

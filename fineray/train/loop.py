@@ -21,7 +21,7 @@ import torch
 
 from fineray.train.batches import collate, epoch_batches, shard_batches, split_by_tokens
 from fineray.train.checkpoint import LoopState, unwrap
-from fineray.train.config import RunConfig
+from fineray.train.config import RunConfig, TrainConfig
 from fineray.train.data import load_train_val
 from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
 from fineray.train.fastpath import forward_loss as fast_forward_loss
@@ -63,7 +63,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tot
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def mixed_precision(tcfg: Any, use_gpu: bool) -> tuple[Any, Any]:
+def mixed_precision(tcfg: TrainConfig, use_gpu: bool) -> tuple[Any, Any]:
     """(autocast context factory, fp16 grad scaler or None) for `train.precision` (`auto`: bf16 on GPU)."""
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
     if tcfg.precision == "auto" and use_gpu:

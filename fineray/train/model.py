@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fineray.train.config import LoraConfig, ModelConfig
+from fineray.train.config import LoraConfig, ModelConfig, RunConfig
 
 __all__ = [
     "ModelError",
@@ -157,7 +157,8 @@ def apply_peft(model: torch.nn.Module, method: str, lora: LoraConfig, adapter_pa
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
@@ -194,7 +195,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_for_training(cfg: Any, *, use_gpu: bool = False, adapter_path: str | None = None,
+def load_for_training(cfg: RunConfig, *, use_gpu: bool = False, adapter_path: str | None = None,
                       device: torch.device | str | None = None) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and trainable model for a RunConfig (base + PEFT per `cfg.method`)."""
     path = resolve_base(cfg.model.base)

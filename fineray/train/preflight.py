@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fineray.train.config import RunConfig
+
 __all__ = [
     "KNOWN_SHAPES",
     "Finding",
@@ -182,7 +184,7 @@ def _fast_on(value: Any, gpu: bool) -> bool:
     return gpu if value == "auto" else bool(value)
 
 
-def check_rules(cfg: Any) -> list[Finding]:
+def check_rules(cfg: RunConfig) -> list[Finding]:
     """Known-bad and questionable combinations of settings."""
     t, gpu, out = cfg.train, cfg.scaling.use_gpu, []
     packing = _fast_on(cfg.data.packing, gpu)
@@ -247,7 +249,7 @@ def check_rules(cfg: Any) -> list[Finding]:
     return out
 
 
-def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> MemoryEstimate:
+def estimate_memory(cfg: RunConfig, shape: ModelShape, tokens: int | None = None) -> MemoryEstimate:
     """Peak memory of one worker (see the module docstring for the model).
 
     Args:
@@ -329,7 +331,7 @@ def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> M
     return MemoryEstimate(parts=parts, tokens=T, host_bytes=host)
 
 
-def _suggestions(cfg: Any, est: MemoryEstimate, limit: float) -> list[str]:
+def _suggestions(cfg: RunConfig, est: MemoryEstimate, limit: float) -> list[str]:
     t, tips = cfg.train, []
     share = {k: v / max(est.total, 1.0) for k, v in est.parts.items()}
     for k in sorted(share, key=share.get, reverse=True):
@@ -354,7 +356,7 @@ def _suggestions(cfg: Any, est: MemoryEstimate, limit: float) -> list[str]:
     return tips
 
 
-def plan_run(cfg: Any, gpu_memory_gib: float | None = None, tokens: int | None = None) -> Plan:
+def plan_run(cfg: RunConfig, gpu_memory_gib: float | None = None, tokens: int | None = None) -> Plan:
     """Rules + memory estimate for a run config.
 
     Args:

@@ -16,6 +16,7 @@ import yaml
 
 from fineray.base import storage
 from fineray.base.runs import model_stem, run_stem
+from fineray.train.config import RunConfig
 from fineray.tune.config import Distribution, TuneConfig
 from fineray.tune.trainable import LOOP_DONE, trial_config, weights_dir
 
@@ -184,7 +185,7 @@ def register_best(base: dict[str, Any], tcfg: TuneConfig, best: dict[str, Any], 
     return version.ref
 
 
-def default_registry_name(cfg: Any, sweep_name: str) -> str:
+def default_registry_name(cfg: RunConfig, sweep_name: str) -> str:
     """The sweep name without its timestamp; `<base>-<method>-sweep` for default-named sweeps."""
     stem = run_stem(sweep_name)
     if stem in ("", "sweep"):
