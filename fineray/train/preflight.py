@@ -185,14 +185,12 @@ def _fast_on(value: Any, gpu: bool) -> bool:
 
 
 def check_rules(cfg: RunConfig) -> list[Finding]:
-    """Known-bad and questionable combinations of settings."""
+    """Known-bad and questionable combinations of settings that depend on the machine or are advice.
+
+    Combinations that can never run (e.g. QLoRA with DeepSpeed) are refused when the config is loaded
+    (`RunConfig._cross_checks`), so they are not repeated here."""
     t, gpu, out = cfg.train, cfg.scaling.use_gpu, []
     packing = _fast_on(cfg.data.packing, gpu)
-    if cfg.method == "qlora" and t.strategy == "deepspeed":
-        stage = t.deepspeed.stage
-        out.append(Finding("error", "method/train.strategy",
-                           f"QLoRA with DeepSpeed ZeRO-{stage}: ZeRO cannot partition bitsandbytes 4-bit weights",
-                           "use train.strategy=ddp or fsdp"))
     if cfg.method == "qlora" and not gpu:
         out.append(Finding("error", "method", "QLoRA needs a CUDA GPU (bitsandbytes has no CPU 4-bit backward)",
                            "set scaling.use_gpu=true or method=lora"))
