@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from fineray.base.runs import default_run_name, registry_name
-from fineray.federated.adapters import write_adapter_dir
 from fineray.federated.config import FederatedConfig
+from fineray.federated.global_model import write_adapter_dir
 from fineray.federated.report import FederationResult, plot_curves, version_eval
 from fineray.train.config import RunConfig
 

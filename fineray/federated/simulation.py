@@ -182,10 +182,10 @@ def _baselines(cfg: RunConfig, fcfg: FederatedConfig, fed: Federation, silos: _S
     """Local-only and centralised adapters trained on the same data, evaluated like the global one."""
     import ray
 
-    from fineray.federated import adapters as ad
+    from fineray.federated import global_model as gm
 
     names = [s.name for s in fcfg.silos]
-    tensors, config = ad.initial_adapter(cfg, fcfg.seed, fed.global_rank)
+    tensors, config = gm.initial_adapter(cfg, fcfg.seed, fed.global_rank)
     init_blob = pack_tensors(tensors, {"version": 0, "adapter_config": config})
     steps = (fcfg.local_steps or 0) * fcfg.rounds or None
     epochs = fcfg.local_epochs * fcfg.rounds if fcfg.local_epochs else None

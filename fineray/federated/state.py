@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fineray.base import storage
-from fineray.federated.adapters import Residual, residual_from_tensors, residual_to_tensors
+from fineray.federated.global_model import Residual, residual_from_tensors, residual_to_tensors
 from fineray.federated.strategies import AggregationStrategy
 
 __all__ = ["FederationSnapshot", "load_snapshot", "save_snapshot"]

@@ -26,7 +26,7 @@ def rollout_backend(cfg: RunConfig, rl: RlConfig) -> str:
     if cfg.method not in ("lora", "qlora"):
         return "policy"
     if cfg.model.adapter:  # a DoRA (or otherwise unservable) parent adapter stays unservable after training
-        from fineray.serve.adapters import AdapterError, read_lora
+        from fineray.serve.lora_stack import AdapterError, read_lora
         from fineray.train.launcher import resolve_adapter
 
         try:

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from fineray.serve.auth import KeyStore, Principal
 from fineray.serve.config import load_serve_config, serve_config_from_dict
+from fineray.serve.messages import ChoiceText, GenerationError, GenerationJob
 from fineray.serve.metrics import CONTENT_TYPE, EventBuffer, request_event
 from fineray.serve.protocol import (
     SSE_DONE,
@@ -199,8 +200,11 @@ class ApiService:
         call.prompt_tokens = sum(len(p) for p in prompts)  # OpenAI counts a prompt once, whatever n is
         return max_tokens if max_tokens is not None else min(default or lim.max_tokens, lim.max_tokens, room)
 
-    def _payload(self, req: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        return {"prompts": prompts, "n": req.n, "max_tokens": max_tokens, "sampling": req.sampling()}
+    @staticmethod
+    def _job(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], max_tokens: int) -> GenerationJob:
+        from fineray.serve.sampling import SamplingParams
+
+        return GenerationJob(prompts, req.n, SamplingParams.from_dict({**req.sampling(), "max_tokens": max_tokens}))
 
     # ------------------------------------------------------------------ endpoints
     async def models(self, request: Request, model_id: str | None = None) -> Response:
@@ -234,18 +238,18 @@ class ApiService:
                                param="messages") from None
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             max_tokens = self._limits(call, [ids], req.max_tokens, req.n, None, "messages")
-            payload = self._payload(req, [ids], max_tokens)
-            if "response_format" in payload["sampling"] and self.cfg.engine != "vllm":
+            job = self._job(req, [ids], max_tokens)
+            if job.params.response_format is not None and self.cfg.engine != "vllm":
                 raise APIError(400, "Invalid 'response_format': structured output (json_object / json_schema) needs "
                                     "the vLLM engine on this server (serve.engine: vllm).", param="response_format",
                                code="unsupported_parameter")
             call.log_input = (principal.key_id, messages, None)
             if req.stream:
-                return await self._stream(call, req, payload, chat=True)
-            out = await self._generate(call, payload)
+                return await self._stream(call, req, job, chat=True)
+            choices = [c.as_dict() for c in await self._generate(call, job)]
             rid = new_id("chatcmpl")
-            await self._log(call, rid, out["choices"])
-            return JSONResponse(chat_response(rid, self._served(call), out["choices"],
+            await self._log(call, rid, choices)
+            return JSONResponse(chat_response(rid, self._served(call), choices,
                                               usage(call.prompt_tokens, call.completion_tokens),
                                               self.fingerprint))
         except APIError as e:
@@ -270,20 +274,19 @@ class ApiService:
             if any(not p for p in prompts):
                 raise APIError(400, "Invalid 'prompt': empty prompt.", param="prompt", code="invalid_value")
             max_tokens = self._limits(call, prompts, req.max_tokens, req.n, 16, "prompt")
-            payload = self._payload(req, prompts, max_tokens)
-            if req.echo:
-                payload["echo"] = [self.tokenizer.decode(p) for p in prompts]
+            job = self._job(req, prompts, max_tokens)
+            echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
             if self.reqlog is not None:
                 call.log_input = (principal.key_id, None, "\n".join(self.tokenizer.decode(p) for p in prompts))
             if req.stream:
-                return await self._stream(call, req, payload, chat=False)
-            out = await self._generate(call, payload)
-            for c in out["choices"]:
-                if req.echo:
-                    c["text"] = payload["echo"][c["index"] // req.n] + c["text"]
+                return await self._stream(call, req, job, chat=False, echo=echo)
+            choices = [c.as_dict() for c in await self._generate(call, job)]
+            for c in choices:
+                if echo:
+                    c["text"] = echo[c["index"] // req.n] + c["text"]
             rid = new_id("cmpl")
-            await self._log(call, rid, out["choices"])
-            return JSONResponse(completion_response(rid, self._served(call), out["choices"],
+            await self._log(call, rid, choices)
+            return JSONResponse(completion_response(rid, self._served(call), choices,
                                                     usage(call.prompt_tokens, call.completion_tokens),
                                                     self.fingerprint))
         except APIError as e:
@@ -334,32 +337,34 @@ class ApiService:
         assert call.target is not None
         return self.model.options(multiplexed_model_id=call.target.model_id, stream=stream)
 
-    async def _generate(self, call: _Call, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _generate(self, call: _Call, job: GenerationJob) -> list[ChoiceText]:
         try:
-            out = await self._handle(call, False).generate.remote(payload)
+            out = await self._handle(call, False).generate.remote(job)
         except Exception as e:  # noqa: BLE001 - Ray/Serve errors: overload, replica death
             raise _serve_error(e) from None
-        if "error" in out:
-            raise APIError(**out["error"])
-        call.completion_tokens = sum(c.pop("tokens") for c in out["choices"])
+        if isinstance(out, GenerationError):
+            raise out.api_error()
+        call.completion_tokens = sum(c.tokens for c in out)
         self.buffer.add(call.event(200))
         return out
 
-    async def _stream(self, call: _Call, req: Any, payload: dict[str, Any], chat: bool) -> Response:
-        gen = self._handle(call, True).stream.remote(payload)
+    async def _stream(self, call: _Call, req: Any, job: GenerationJob, chat: bool,
+                      echo: list[str] | None = None) -> Response:
+        gen = self._handle(call, True).stream.remote(job)
         try:  # the first item says whether the request was admitted, so errors keep their status code
             first = await gen.__anext__()
         except Exception as e:  # noqa: BLE001
             raise _serve_error(e) from None
-        if first and "error" in first[0]:
-            raise APIError(**first[0]["error"])
-        return StreamingResponse(self._sse(call, req, payload, gen, chat), media_type="text/event-stream",
+        if isinstance(first, GenerationError):
+            raise first.api_error()
+        return StreamingResponse(self._sse(call, req, job, gen, chat, echo), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, call: _Call, req: Any, payload: dict[str, Any], gen: Any, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, call: _Call, req: Any, job: GenerationJob, gen: Any, chat: bool,
+                   echo: list[str] | None) -> AsyncIterator[str]:
         assert call.target is not None
         rid, created, model = new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self._served(call)
-        choices = len(payload["prompts"]) * req.n
+        choices = job.choices
         status, code = 200, None
         texts: dict[int, list[str]] = {i: [] for i in range(choices)}  # for the request log
         finish: dict[int, str] = {}
@@ -368,30 +373,30 @@ class ApiService:
                 if chat:
                     yield sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""},
                                          fingerprint=self.fingerprint))
-                elif payload.get("echo"):
-                    yield sse(completion_chunk(rid, created, model, i, payload["echo"][i // req.n],
+                elif echo:
+                    yield sse(completion_chunk(rid, created, model, i, echo[i // req.n],
                                                fingerprint=self.fingerprint))
             async for items in gen:
+                if isinstance(items, GenerationError):
+                    status, code = items.status, items.code
+                    yield sse(items.api_error().body())
+                    yield SSE_DONE
+                    return
                 for it in items:
-                    if "error" in it:
-                        status, code = it["error"]["status"], it["error"].get("code")
-                        yield sse(APIError(**it["error"]).body())
-                        yield SSE_DONE
-                        return
-                    if it["text"]:
-                        texts[it["index"]].append(it["text"])
+                    if it.text:
+                        texts[it.index].append(it.text)
                         if call.ttft is None:
                             call.ttft = time.perf_counter() - call.t0
-                        yield sse(chat_chunk(rid, created, model, it["index"], {"content": it["text"]},
+                        yield sse(chat_chunk(rid, created, model, it.index, {"content": it.text},
                                              fingerprint=self.fingerprint) if chat else
-                                  completion_chunk(rid, created, model, it["index"], it["text"],
+                                  completion_chunk(rid, created, model, it.index, it.text,
                                                    fingerprint=self.fingerprint))
-                    if it["finish_reason"]:
-                        finish[it["index"]] = it["finish_reason"]
-                        call.completion_tokens += it["tokens"]
-                        yield sse(chat_chunk(rid, created, model, it["index"], {}, it["finish_reason"],
+                    if it.finish_reason:
+                        finish[it.index] = it.finish_reason
+                        call.completion_tokens += it.tokens
+                        yield sse(chat_chunk(rid, created, model, it.index, {}, it.finish_reason,
                                              fingerprint=self.fingerprint) if chat else
-                                  completion_chunk(rid, created, model, it["index"], "", it["finish_reason"],
+                                  completion_chunk(rid, created, model, it.index, "", it.finish_reason,
                                                    fingerprint=self.fingerprint))
             if req.stream_options is not None and req.stream_options.include_usage:
                 chunk = (chat_chunk if chat else completion_chunk)(rid, created, model, 0, {} if chat else "")

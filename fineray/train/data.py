@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fineray.train.config import DataConfig, DatasetSpec
 
@@ -333,8 +333,3 @@ def load_train_val(cfg: DataConfig, seed: int = 42,
         val, train = [], _mix(per_source, rng)
     stats["train_records"], stats["val_records"] = len(train), len(val)
     return train, val
-
-
-def iter_sources(examples: Iterable[Example]) -> list[str]:
-    """Sorted distinct source files of examples (for dataset fingerprints)."""
-    return sorted({e.source.rsplit(":", 1)[0].split("[")[0] for e in examples})

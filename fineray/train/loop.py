@@ -24,13 +24,13 @@ from fineray.train.checkpoint import LoopState, unwrap
 from fineray.train.config import RunConfig, TrainConfig
 from fineray.train.data import load_train_val
 from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
-from fineray.train.fastpath import forward_loss as fast_forward_loss
+from fineray.train.fastpath import forward_loss
 from fineray.train.model import count_parameters, load_for_training, pick_dtype
 from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
 from fineray.train.templates import Tokenized, tokenize_all
 
-__all__ = ["build_data", "evaluate_loss", "forward_loss", "make_objective", "make_scheduler", "mixed_precision",
+__all__ = ["build_data", "evaluate_loss", "make_objective", "make_scheduler", "mixed_precision",
            "ray_worker_entry", "resume_state", "static_metrics", "train_loop",
            "worker_config"]
 
@@ -73,8 +73,9 @@ def mixed_precision(tcfg: TrainConfig, use_gpu: bool) -> tuple[Any, Any]:
     return amp, scaler
 
 
-def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean loss over the batch's target tokens, and how many target tokens there were."""
+def _padded_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean loss over a padded (`collate`) batch's target tokens through the plain HF forward, and how many
+    target tokens there were. (Training batches from `make_batch` go through `fastpath.forward_loss`.)"""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     n_target = int((batch["labels"][:, 1:] != -100).sum())
     return out.loss, n_target
@@ -90,7 +91,7 @@ def evaluate_loss(model: torch.nn.Module, data: list[Tokenized], session: Sessio
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)][:max_batches]
     for b in batches:
         batch = {k: v.to(session.device) for k, v in collate([data[i] for i in b], pad_id).items()}
-        loss, n = forward_loss(model, batch)
+        loss, n = _padded_batch_loss(model, batch)
         loss_sum += float(loss) * n
         tokens += n
     model.train()
@@ -114,7 +115,7 @@ class _Supervised:
         return make_batch(items, pad_id, fast)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], fast: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        return fast_forward_loss(model, batch, fast)[0], {}
+        return forward_loss(model, batch, fast)[0], {}
 
     def evaluate(self, model: torch.nn.Module, data: list[Tokenized], session: Session, batch_size: int,
                  pad_id: int, fast: Any, max_batches: int | None = None) -> dict[str, float]:

@@ -48,8 +48,6 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        from fineray.train.fastpath import decoder_layers
-
         fc, dev = self.tcfg.fsdp, self.session.device
         ensure_process_group(dev)
         mesh = init_device_mesh(dev.type, (self.session.world_size,))
@@ -66,10 +64,10 @@ class FSDPStrategy(Strategy):
                               "offload_policy": CPUOffloadPolicy() if fc.cpu_offload else OffloadPolicy(),
                               "reshard_after_forward": fc.reshard_after_forward}
         quant = {p for p in model.parameters() if is_quantized(p)}
-        for block in decoder_layers(model):
-            ignored = quant & set(block.parameters())
-            fully_shard(block, **kw, **({"ignored_params": ignored} if ignored else {}))
-        fully_shard(model, **kw, **({"ignored_params": quant} if quant else {}))
+        for name in fsdp_units(model):  # the blocks, then the root (last: its group is what is left)
+            unit = model.get_submodule(name)
+            ignored = quant & set(unit.parameters())
+            fully_shard(unit, **kw, **({"ignored_params": ignored} if ignored else {}))
         for mod in model.modules():  # FSDP moves parameters; buffers (rotary tables) follow here
             for name, buf in mod._buffers.items():
                 if buf is not None and buf.device != dev:

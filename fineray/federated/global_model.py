@@ -1,4 +1,4 @@
-"""Adapter folders, the folded base residual, rank conversion and the exported (servable) adapter.
+"""The federation's global model: adapter folders, the folded base residual, ranks, the exported adapter.
 
 Exact strategies (FedEx-LoRA, FLoRA, FlexLoRA with ``keep_residual``) return a factored residual
 ``B_res @ A_res`` that belongs in the frozen base weight. The federation keeps the running sum of those
