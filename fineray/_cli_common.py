@@ -36,8 +36,8 @@ def load_run_config(config: Path | None, overrides: list[str]) -> RunConfig:
 
 def check_kind_section(cfg: RunConfig, kind: str) -> None:
     """Validate the section a run kind reads (`tune:`, `federated:`, `rl:`) before the run is submitted or
-    rendered for a cluster, so a bad key fails here instead of after the job waited for the cluster; a config
-    error exits with 2."""
+    rendered for a cluster, so a bad key fails here instead of after the job waited for the cluster; exits
+    with 1 then, as the kind's own command does."""
     from fineray.train.config import ConfigError
 
     try:
@@ -54,7 +54,7 @@ def check_kind_section(cfg: RunConfig, kind: str) -> None:
 
             parse_rl_config(cfg)
     except ConfigError as e:
-        fail(str(e))
+        fail(str(e), 1)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

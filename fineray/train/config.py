@@ -414,7 +414,9 @@ def validate_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config from YAML (or defaults when `path` is None) plus `key=value` overrides.
 
-    Relative data paths in the file are resolved against the file's folder, so a config runs from any cwd.
+    Relative paths of local files (`file_fields`) in the file are resolved against the file's folder, so a
+    config runs from any cwd; those given as overrides (or found only from the cwd) against the cwd. Either
+    way they become absolute, as Ray workers run in other folders.
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -423,6 +425,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         _resolve_relative_paths(data, Path(path).resolve().parent)
     data = apply_overrides(data, overrides or [])
+    _resolve_relative_paths(data, Path.cwd())
     return validate_config(data, source)
 
 
@@ -430,7 +433,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
     for container, key, _ in file_fields(data):
         p = container[key]
         if not Path(p).expanduser().is_absolute() and (base / p).exists():
-            container[key] = str(base / p)
+            container[key] = str((base / p).resolve())
 
 
 #: Prefixes of values that name a built-in or hub dataset or model rather than a local file.

@@ -33,7 +33,7 @@ from fineray.train.diagnostics import diagnose
 from fineray.train.registry import AdapterRegistry
 
 __all__ = ["TrainingError", "run_train", "make_trainer", "resolve_adapter", "dataset_fingerprint",
-           "write_run_outputs", "run_dir_for", "plot_curves", "root_cause"]
+           "write_run_outputs", "run_dir_for", "plot_curves", "root_cause", "check_run_data"]
 
 
 class TrainingError(RuntimeError):
@@ -199,24 +199,19 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
     from fineray.train.datasets import pin_dataset_refs
 
     datasets = pin_dataset_refs(cfg)  # `dataset:` refs -> one registry and version for every worker
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    adapter_path = resolve_adapter(cfg)
-    from fineray.train.data import load_train_val
-    from fineray.train.model import resolve_base
-
-    train_ex, _ = load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named)
-    if cfg.objective != "sft":
-        from fineray.train.pairs import check_pairs
-
-        check_pairs(train_ex, cfg.objective)
-    data_check = _check_data(cfg) if check_data else None
+    check_run_data(cfg)  # before anything is written or started: the file and line of bad data named
     from fineray.train.preflight import format_plan, plan_run
 
     plan = plan_run(cfg)  # known-bad combinations and the memory estimate, before any GPU is allocated
     if not plan.ok:
         raise TrainingError(format_plan(plan))
+    adapter_path = resolve_adapter(cfg)
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data_check = _check_data(cfg) if check_data else None
+    from fineray.train.model import resolve_base
+
     resolve_base(cfg.model.base)  # convert/cache the embedded model once here, not in every worker
     remote = storage.is_remote(cfg.output.dir)
     ray_storage = storage.join(cfg.output.dir, cfg.output.name) if remote else None
@@ -278,6 +273,31 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         storage.upload_dir(run_dir, fs, path)
         summary["run_dir"] = ray_storage
     return summary
+
+
+def check_run_data(cfg: RunConfig, *, check_size: bool = True) -> None:
+    """Raise, before Ray starts, the data errors a run would otherwise meet inside its workers.
+
+    Unreadable or malformed records (the file and line named), records that are not preference pairs for a
+    preference objective, and (with `check_size`) fewer training examples than one optimizer step takes.
+
+    Raises:
+        DataError: what is wrong and where.
+    """
+    from fineray.train.data import DataError, load_train_val
+
+    train_ex, _ = load_train_val(cfg.data, cfg.train.seed)
+    if cfg.objective != "sft":
+        from fineray.train.pairs import check_pairs
+
+        check_pairs(train_ex, cfg.objective)
+    need = cfg.train.batch_size * cfg.scaling.num_workers
+    if check_size and len(train_ex) < need:
+        held = f" after holding out data.validation={cfg.data.validation}" if isinstance(
+            cfg.data.validation, float) else ""
+        raise DataError(f"{len(train_ex)} training examples{held} are fewer than one step needs "
+                        f"(train.batch_size={cfg.train.batch_size} x scaling.num_workers={cfg.scaling.num_workers}"
+                        f" = {need}): add data, or lower train.batch_size or scaling.num_workers")
 
 
 def _check_data(cfg: RunConfig) -> dict[str, Any]:

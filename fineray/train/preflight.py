@@ -184,6 +184,21 @@ def _fast_on(value: Any, gpu: bool) -> bool:
     return gpu if value == "auto" else bool(value)
 
 
+def _deepspeed_file(path: str) -> list[Finding]:
+    """The user's DeepSpeed JSON must exist and parse (else every worker fails after Ray started)."""
+    f = Path(path).expanduser()
+    try:
+        json.loads(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        return [Finding("error", "train.deepspeed.config_file", f"cannot read {f}: {e.strerror or e}",
+                        "give the path of a DeepSpeed JSON config (or leave it out)")]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        return [Finding("error", "train.deepspeed.config_file", f"{f}{where} is not a JSON file ({e})",
+                        "fix the JSON")]
+    return []
+
+
 def check_rules(cfg: RunConfig) -> list[Finding]:
     """Known-bad and questionable combinations of settings that depend on the machine or are advice.
 
@@ -233,6 +248,8 @@ def check_rules(cfg: RunConfig) -> list[Finding]:
         if t.strategy != "ddp":
             out.append(Finding("warning", "train.optimizer", "paged 8-bit AdamW is tested with DDP only",
                                "use train.optimizer=adamw with fsdp/deepspeed"))
+    if t.strategy == "deepspeed" and t.deepspeed.config_file:
+        out += _deepspeed_file(t.deepspeed.config_file)
     if t.strategy == "deepspeed" and (t.deepspeed.offload_optimizer or t.deepspeed.offload_params) and not gpu:
         out.append(Finding("warning", "train.deepspeed", "CPU offload on a CPU-only run changes nothing",
                            "turn offload off"))

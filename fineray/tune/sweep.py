@@ -297,6 +297,10 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True) -> SweepResult:
     tcfg = parse_tune_config(cfg)
     space = validate_search_space(cfg, tcfg)
     check_objectives(cfg, tcfg)
+    from fineray.train.launcher import check_run_data
+
+    # Bad data fails here, not in every trial; the size check only when no trial changes the step's size.
+    check_run_data(cfg, check_size=not {"train.batch_size", "scaling.num_workers"} & set(space))
     sweep_uri = _sweep_uri(cfg)
     fs, path = storage.open_fs(sweep_uri)
     if storage.exists(fs, f"{path}/tune"):
