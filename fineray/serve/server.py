@@ -51,15 +51,16 @@ class ServerHandle:
         if self._stopped:
             return
         self._stopped = True
-        import ray
         from ray import serve
+
+        from fineray.base.connect import shutdown_ray
 
         try:
             _flush_request_log()
             serve.shutdown()
         finally:
             if self.started_ray:
-                ray.shutdown()
+                shutdown_ray()
 
     def __enter__(self) -> Self:
         return self
