@@ -1,7 +1,5 @@
 """`fineray submit`, `fineray jobs ...` and `fineray k8s ...`: runs on a Ray cluster (Ray Jobs API, KubeRay)."""
 
-# ruff: noqa: B008 - typer declares a command's options as its parameters' defaults
-
 from __future__ import annotations
 
 import json

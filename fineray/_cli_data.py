@@ -1,7 +1,5 @@
 """`fineray data audit|prepare|from-feedback|list|show`: data quality checks and versioned datasets."""
 
-# ruff: noqa: B008 - typer declares a command's options as its parameters' defaults
-
 from __future__ import annotations
 
 import contextlib

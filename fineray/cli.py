@@ -15,11 +15,11 @@ import sys
 
 import typer
 
-from fineray._cli_registry import adapters_app
 from fineray._cli_cluster import jobs_app, k8s_app, submit
 from fineray._cli_common import print_summary
 from fineray._cli_data import data_app
 from fineray._cli_federated import FEDERATED_COMMANDS, federated_app
+from fineray._cli_registry import adapters_app
 from fineray._cli_rl import rl
 from fineray._cli_serve import generate, score, serve
 from fineray._cli_train import eval_cmd, export, plan, train, tune

@@ -16,8 +16,22 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-__all__ = ["StorageError", "atomic_dir", "atomic_file", "open_fs", "is_remote", "join", "atomic_write_bytes", "read_bytes",
-           "upload_dir", "download_dir", "exists", "listdir", "remove_tree", "rename"]
+__all__ = [
+    "StorageError",
+    "atomic_dir",
+    "atomic_file",
+    "atomic_write_bytes",
+    "download_dir",
+    "exists",
+    "is_remote",
+    "join",
+    "listdir",
+    "open_fs",
+    "read_bytes",
+    "remove_tree",
+    "rename",
+    "upload_dir",
+]
 
 
 class StorageError(OSError):
@@ -32,7 +46,7 @@ def is_remote(uri: str) -> bool:
 def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     if not is_remote(uri):
-        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        local = uri.removeprefix("file://")
         return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
     try:
         return pafs.FileSystem.from_uri(uri)

@@ -132,8 +132,7 @@ def _call(client: SiloClient, method: str, path: str, max_wait_s: float, **kw: A
     start, delay = time.monotonic(), 0.5
     while True:
         try:
-            resp = client.request(method, path, **kw)
-            return resp
+            return client.request(method, path, **kw)
         except httpx.TransportError as e:
             err: Exception = e
         except httpx.HTTPStatusError as e:

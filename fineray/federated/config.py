@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fineray.federated.secagg import SecAggConfig
 from fineray.federated.strategies import STRATEGIES, AggregationStrategy, get_strategy
-from fineray.train.config import ConfigError, RunConfig
+from fineray.train.config import ConfigError, RunConfig, ValidationSplit, repeated
 
 __all__ = [
     "DPSettings",
@@ -51,18 +51,11 @@ class SiloSpec(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     data: str | None = None
-    validation: str | float | None = 0.1
+    validation: ValidationSplit = 0.1
     resources: dict[str, float] | None = None
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     rank: int | None = Field(None, ge=1)
-
-    @field_validator("validation")
-    @classmethod
-    def _fraction(cls, v: str | float | None) -> str | float | None:
-        if isinstance(v, float) and not 0 < v < 1:
-            raise ValueError("a validation fraction must be in (0, 1)")
-        return v
 
 
 class SecAggSettings(_Section):
@@ -191,8 +184,7 @@ class FederatedConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FederatedConfig:
-        names = [s.name for s in self.silos]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated([s.name for s in self.silos])
         if dupes:
             raise ValueError(f"silos: duplicate names {dupes}")
         if self.local_steps is not None and self.local_epochs is not None:

@@ -169,7 +169,7 @@ def _gather(refs: dict[Any, str], fed: Federation, silos: _Silos,
     for ref in ready:
         try:
             answer = ray.get(ref)
-        except Exception as e:  # noqa: BLE001 - a failing silo is reported or dropped, the federation goes on
+        except Exception as e:  # noqa: BLE001 - a failing silo is reported, the federation goes on
             log.warning("silo %s failed: %s", refs[ref], e)
             if failed is not None:
                 failed(refs[ref], e)

@@ -101,14 +101,12 @@ def rl_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None, r
     pad_id = tok.pad_token_id
     ckpt_every = tcfg.checkpoint_every or tcfg.eval_every
 
-    state, ckpt = resume_state(session, resume_from, strategy, model, optimizer, scheduler)
+    state, _ = resume_state(session, resume_from, strategy, model, optimizer, scheduler,
+                            f"GRPO, {len(train_prompts)} train / {len(val_prompts)} val prompts, {per_rank} prompts x "
+                            f"{group} completions per worker per step, rollouts by "
+                            f"{'engine actors' if engine is not None else 'the policy'}, rewards {keys}, "
+                            f"{trainable:,} trainable params, {total_steps} steps")
     static = static_metrics(trainable, total_params, world, total_steps, data_stats)
-    if session.rank == 0:
-        print(f"[fineray] rank0: GRPO, {len(train_prompts)} train / {len(val_prompts)} val prompts, "
-              f"{per_rank} prompts x {group} completions per worker per step, rollouts by "
-              f"{'engine actors' if engine is not None else 'the policy'}, rewards {keys}, "
-              f"{trainable:,} trainable params, {total_steps} steps"
-              + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
 
     def write_ckpt(target: Path) -> None:
         strategy.save(target, model, optimizer, scheduler, state, final=state.step >= total_steps)

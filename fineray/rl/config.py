@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fineray.train.config import ConfigError, RunConfig, format_validation_error
+from fineray.train.config import ConfigError, RunConfig, format_validation_error, repeated
 
 __all__ = ["BUILTIN_REWARDS", "RewardSpec", "RlConfig", "RolloutConfig", "parse_rl_config"]
 
@@ -143,8 +143,7 @@ class RlConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_labels(self) -> RlConfig:
-        keys = [r.key for r in self.rewards]
-        dup = sorted({k for k in keys if keys.count(k) > 1})
+        dup = repeated([r.key for r in self.rewards])
         if dup:
             raise ValueError(f"reward labels must be distinct (set `label`): {dup}")
         return self

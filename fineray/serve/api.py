@@ -9,11 +9,12 @@ handle with `multiplexed_model_id=<adapter ref>`, which routes to replicas that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -44,6 +45,7 @@ __all__ = ["LOOPBACK", "ApiService", "refuse_remote"]
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+_Req = TypeVar("_Req", ChatCompletionRequest, CompletionRequest)
 
 
 def refuse_remote(keys_enabled: bool, insecure_no_auth: bool, client_host: str | None) -> bool:
@@ -70,6 +72,24 @@ class _Call:
         if t is not None and t.rollout:
             extra.update(rollout=t.rollout, variant=t.label)
         return request_event(t.name if t else "-", t.version if t else None, self.endpoint, status, **extra)
+
+
+def _endpoint(name: str) -> Callable[[Callable[..., Awaitable[Response]]], Callable[..., Awaitable[Response]]]:
+    """An endpoint method gets its metrics bookkeeping (`_Call(name)`) first; an `APIError` it raises becomes the
+    OpenAI error response (and a metrics event)."""
+
+    def wrap(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        @functools.wraps(fn)
+        async def endpoint(self: ApiService, request: Request, *args: Any) -> Response:
+            call = _Call(name)
+            try:
+                return await fn(self, call, request, *args)
+            except APIError as e:
+                return self._error(call, e)
+
+        return endpoint
+
+    return wrap
 
 
 class ApiService:
@@ -174,6 +194,14 @@ class ApiService:
             raise APIError(400, f"We could not parse the JSON body of your request ({e}).",
                            code="invalid_json") from None
 
+    async def _parse(self, call: _Call, request: Request, cls: type[_Req]) -> tuple[Principal, _Req]:
+        """Authenticate, parse and validate the body as `cls`, and resolve `model` (the adapter version, or the
+        base, that answers this caller; rollouts included) into `call.target`."""
+        principal = self._principal(request)
+        req = parse_request(cls, await self._json(request))
+        call.target = await asyncio.to_thread(self.catalog.resolve, req.model, principal, self.cfg.rollouts, req.user)
+        return principal, req
+
     def _error(self, call: _Call, e: APIError) -> JSONResponse:
         self.buffer.add(call.event(e.status, e.code))
         return JSONResponse(e.body(), status_code=e.status)
@@ -207,105 +235,84 @@ class ApiService:
         return GenerationJob(prompts, req.n, SamplingParams.from_dict({**req.sampling(), "max_tokens": max_tokens}))
 
     # ------------------------------------------------------------------ endpoints
-    async def models(self, request: Request, model_id: str | None = None) -> Response:
-        call = _Call("models")
-        try:
-            principal = self._principal(request)
-            data = await asyncio.to_thread(self.catalog.list_models, principal, self.cfg.rollouts)
-            if model_id is None:
-                return JSONResponse({"object": "list", "data": data})
-            hit = next((m for m in data if m["id"] == model_id), None)
-            if hit is None:
-                raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found",
-                               param="model")
-            return JSONResponse(hit)
-        except APIError as e:
-            return self._error(call, e)
+    @_endpoint("models")
+    async def models(self, call: _Call, request: Request, model_id: str | None = None) -> Response:
+        principal = self._principal(request)
+        data = await asyncio.to_thread(self.catalog.list_models, principal, self.cfg.rollouts)
+        if model_id is None:
+            return JSONResponse({"object": "list", "data": data})
+        hit = next((m for m in data if m["id"] == model_id), None)
+        if hit is None:
+            raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found",
+                           param="model")
+        return JSONResponse(hit)
 
-    async def chat(self, request: Request) -> Response:
-        call = _Call("chat")
+    @_endpoint("chat")
+    async def chat(self, call: _Call, request: Request) -> Response:
+        principal, req = await self._parse(call, request, ChatCompletionRequest)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
         try:
-            principal = self._principal(request)
-            req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._json(request))
-            call.target = await asyncio.to_thread(self.catalog.resolve, req.model, principal, self.cfg.rollouts,
-                                                  req.user)
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in req.messages]
-            try:
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # noqa: BLE001 - jinja templates raise their own errors
-                raise APIError(400, f"Invalid 'messages': the chat template rejected them ({e}).",
-                               param="messages") from None
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            max_tokens = self._limits(call, [ids], req.max_tokens, req.n, None, "messages")
-            job = self._job(req, [ids], max_tokens)
-            if job.params.response_format is not None and self.cfg.engine != "vllm":
-                raise APIError(400, "Invalid 'response_format': structured output (json_object / json_schema) needs "
-                                    "the vLLM engine on this server (serve.engine: vllm).", param="response_format",
-                               code="unsupported_parameter")
-            call.log_input = (principal.key_id, messages, None)
-            if req.stream:
-                return await self._stream(call, req, job, chat=True)
-            choices = [c.as_dict() for c in await self._generate(call, job)]
-            rid = new_id("chatcmpl")
-            await self._log(call, rid, choices)
-            return JSONResponse(chat_response(rid, self._served(call), choices,
-                                              usage(call.prompt_tokens, call.completion_tokens),
-                                              self.fingerprint))
-        except APIError as e:
-            return self._error(call, e)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja templates raise their own errors
+            raise APIError(400, f"Invalid 'messages': the chat template rejected them ({e}).",
+                           param="messages") from None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        max_tokens = self._limits(call, [ids], req.max_tokens, req.n, None, "messages")
+        job = self._job(req, [ids], max_tokens)
+        if job.params.response_format is not None and self.cfg.engine != "vllm":
+            raise APIError(400, "Invalid 'response_format': structured output (json_object / json_schema) needs "
+                                "the vLLM engine on this server (serve.engine: vllm).", param="response_format",
+                           code="unsupported_parameter")
+        call.log_input = (principal.key_id, messages, None)
+        return await self._answer(call, req, job, chat=True)
 
-    async def completions(self, request: Request) -> Response:
-        call = _Call("completions")
-        try:
-            principal = self._principal(request)
-            req: CompletionRequest = parse_request(CompletionRequest, await self._json(request))
-            call.target = await asyncio.to_thread(self.catalog.resolve, req.model, principal, self.cfg.rollouts,
-                                                  req.user)
-            prompts = []
-            for p in req.prompts():
-                if isinstance(p, str):
-                    prompts.append(self.tokenizer(p)["input_ids"])
-                else:
-                    if any(not 0 <= t < self.vocab for t in p):
-                        raise APIError(400, f"Invalid 'prompt': token ids must be in [0, {self.vocab}).",
-                                       param="prompt", code="invalid_value")
-                    prompts.append(list(p))
-            if any(not p for p in prompts):
-                raise APIError(400, "Invalid 'prompt': empty prompt.", param="prompt", code="invalid_value")
-            max_tokens = self._limits(call, prompts, req.max_tokens, req.n, 16, "prompt")
-            job = self._job(req, prompts, max_tokens)
-            echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
-            if self.reqlog is not None:
-                call.log_input = (principal.key_id, None, "\n".join(self.tokenizer.decode(p) for p in prompts))
-            if req.stream:
-                return await self._stream(call, req, job, chat=False, echo=echo)
-            choices = [c.as_dict() for c in await self._generate(call, job)]
-            for c in choices:
-                if echo:
-                    c["text"] = echo[c["index"] // req.n] + c["text"]
-            rid = new_id("cmpl")
-            await self._log(call, rid, choices)
-            return JSONResponse(completion_response(rid, self._served(call), choices,
-                                                    usage(call.prompt_tokens, call.completion_tokens),
-                                                    self.fingerprint))
-        except APIError as e:
-            return self._error(call, e)
+    @_endpoint("completions")
+    async def completions(self, call: _Call, request: Request) -> Response:
+        principal, req = await self._parse(call, request, CompletionRequest)
+        prompts = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                prompts.append(self.tokenizer(p)["input_ids"])
+            else:
+                if any(not 0 <= t < self.vocab for t in p):
+                    raise APIError(400, f"Invalid 'prompt': token ids must be in [0, {self.vocab}).",
+                                   param="prompt", code="invalid_value")
+                prompts.append(list(p))
+        if any(not p for p in prompts):
+            raise APIError(400, "Invalid 'prompt': empty prompt.", param="prompt", code="invalid_value")
+        max_tokens = self._limits(call, prompts, req.max_tokens, req.n, 16, "prompt")
+        job = self._job(req, prompts, max_tokens)
+        echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
+        if self.reqlog is not None:
+            call.log_input = (principal.key_id, None, "\n".join(self.tokenizer.decode(p) for p in prompts))
+        return await self._answer(call, req, job, chat=False, echo=echo)
 
-    async def feedback(self, request: Request) -> Response:
+    @_endpoint("feedback")
+    async def feedback(self, call: _Call, request: Request) -> Response:
         """`POST /v1/feedback {"id", "rating", "correction"?}` on a logged response (see `serve.requestlog`)."""
-        call = _Call("feedback")
-        try:
-            principal = self._principal(request)
-            if self.reqlog is None:
-                raise APIError(404, "Feedback needs the request log: start the server with --log-requests URI.",
-                               code="feedback_disabled")
-            body = await self._json(request)
-            out = await self.reqlog.feedback(body, principal.key_id)
-            self.buffer.add({"event": "feedback", **out})
-            return JSONResponse({"object": "feedback", "id": body["id"], "status": "recorded"})
-        except APIError as e:
-            return self._error(call, e)
+        principal = self._principal(request)
+        if self.reqlog is None:
+            raise APIError(404, "Feedback needs the request log: start the server with --log-requests URI.",
+                           code="feedback_disabled")
+        body = await self._json(request)
+        out = await self.reqlog.feedback(body, principal.key_id)
+        self.buffer.add({"event": "feedback", **out})
+        return JSONResponse({"object": "feedback", "id": body["id"], "status": "recorded"})
+
+    async def _answer(self, call: _Call, req: ChatCompletionRequest | CompletionRequest, job: GenerationJob, *,
+                      chat: bool, echo: list[str] | None = None) -> Response:
+        """Generate and answer: an SSE stream, or one chat.completion / text_completion object (logged)."""
+        if req.stream:
+            return await self._stream(call, req, job, chat=chat, echo=echo)
+        choices = [c.as_dict() for c in await self._generate(call, job)]
+        for c in choices if echo else []:
+            c["text"] = echo[c["index"] // req.n] + c["text"]
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        await self._log(call, rid, choices)
+        build = chat_response if chat else completion_response
+        return JSONResponse(build(rid, self._served(call), choices, usage(call.prompt_tokens, call.completion_tokens),
+                                  self.fingerprint))
 
     async def _log(self, call: _Call, rid: str, choices: list[dict[str, Any]]) -> None:
         if self.reqlog is not None and call.log_input is not None:
@@ -340,7 +347,7 @@ class ApiService:
     async def _generate(self, call: _Call, job: GenerationJob) -> list[ChoiceText]:
         try:
             out = await self._handle(call, False).generate.remote(job)
-        except Exception as e:  # noqa: BLE001 - Ray/Serve errors: overload, replica death
+        except Exception as e:  # noqa: BLE001
             raise _serve_error(e) from None
         if isinstance(out, GenerationError):
             raise out.api_error()
@@ -408,7 +415,7 @@ class ApiService:
         except asyncio.CancelledError:
             status, code = 499, "client_closed_request"  # nginx's code for a client that went away
             raise
-        except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
+        except Exception as e:  # noqa: BLE001
             err = _serve_error(e)
             status, code = err.status, err.code
             yield sse(err.body())

@@ -147,7 +147,7 @@ class RequestLog:
             if part:
                 try:
                     _write_part(self.uri, table, part)
-                except Exception:  # noqa: BLE001 - shutting down: nothing else to do
+                except Exception:  # shutting down: nothing else to do
                     log.debug("request log part lost at shutdown", exc_info=True)
 
 
@@ -163,7 +163,9 @@ class LogClient:
         from fineray.train.pii import redact
 
         t = call.target
-        red = lambda s: None if s is None else redact(s)[0]
+        def red(s: str | None) -> str | None:
+            return None if s is None else redact(s)[0]
+
         texts = [red(c.get("text", "")) for c in sorted(choices, key=lambda c: c["index"])]
         row = {
             "id": rid, "created": time.time(), "endpoint": call.endpoint, "key_id": key_id,

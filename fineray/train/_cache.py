@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fineray.base.storage import atomic_dir
 
-__all__ = ["cache_dir", "build_once"]
+__all__ = ["build_once", "cache_dir"]
 
 
 def cache_dir() -> Path:

@@ -10,44 +10,61 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "EMBEDDED_MODEL",
+    "NAME_PREFIXES",
+    "OBJECTIVES",
+    "ClusterConfig",
     "ConfigError",
-    "ModelConfig",
-    "LoraConfig",
-    "DatasetSpec",
     "DataConfig",
-    "TrainConfig",
+    "DatasetSpec",
+    "DeepSpeedConfig",
     "FastConfig",
     "FsdpConfig",
-    "DeepSpeedConfig",
-    "ScalingConfig",
+    "LoraConfig",
+    "ModelConfig",
     "OutputConfig",
-    "ClusterConfig",
     "PreferenceConfig",
-    "OBJECTIVES",
     "RunConfig",
-    "load_config",
-    "load_yaml",
-    "validate_config",
-    "format_validation_error",
-    "section_for",
+    "ScalingConfig",
+    "TrainConfig",
+    "ValidationSplit",
     "apply_overrides",
     "config_hash",
     "file_fields",
+    "format_validation_error",
     "is_uri_or_name",
-    "NAME_PREFIXES",
-    "EMBEDDED_MODEL",
+    "load_config",
+    "load_yaml",
+    "repeated",
+    "section_for",
+    "validate_config",
 ]
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 #: Training objectives: supervised (`sft`), the DPO family on preference pairs, and a Bradley-Terry reward model.
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "reward")
 _FORMATS = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt"]
+
+
+def _fraction_in_range(v: str | float | None) -> str | float | None:
+    if isinstance(v, float) and not 0 < v < 1:
+        raise ValueError("a validation fraction must be in (0, 1)")
+    return v
+
+
+def repeated(values: list[Any]) -> list[Any]:
+    """The values that occur more than once, sorted (for "duplicate names" errors)."""
+    return sorted({v for v in values if values.count(v) > 1})
+
+
+#: A validation set: a file, or the fraction in (0, 1) held out of the training data (None: none).
+ValidationSplit = Annotated[str | float | None, AfterValidator(_fraction_in_range)]
 
 
 class ConfigError(ValueError):
@@ -112,7 +129,7 @@ class DataConfig(_Section):
     """
 
     train: str | list[DatasetSpec] = "fineray:support-tickets"
-    validation: str | float | None = 0.1
+    validation: ValidationSplit = 0.1
     format: _FORMATS = "auto"
     max_seq_len: int = Field(512, ge=8)
     packing: bool | Literal["auto"] = "auto"
@@ -120,13 +137,6 @@ class DataConfig(_Section):
     on_error: Literal["fail", "skip"] = "fail"
     max_examples: int | None = Field(None, ge=1)
     system_prompt: str | None = None
-
-    @field_validator("validation")
-    @classmethod
-    def _fraction_in_range(cls, v: str | float | None) -> str | float | None:
-        if isinstance(v, float) and not 0 < v < 1:
-            raise ValueError("a validation fraction must be in (0, 1)")
-        return v
 
     def sources(self) -> list[DatasetSpec]:
         """The training sources as a list, a single path being a one-item mix."""
@@ -185,7 +195,7 @@ class DeepSpeedConfig(_Section):
     config_file: str | None = None
 
     @model_validator(mode="after")
-    def _offload_params_needs_stage3(self) -> "DeepSpeedConfig":
+    def _offload_params_needs_stage3(self) -> DeepSpeedConfig:
         if self.offload_params and self.stage != 3:
             raise ValueError("offload_params needs stage 3 (ZeRO-2 does not partition parameters)")
         return self
@@ -225,7 +235,7 @@ class TrainConfig(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
 
     @model_validator(mode="after")
-    def _micro_batch_tokens_not_deepspeed(self) -> "TrainConfig":
+    def _micro_batch_tokens_not_deepspeed(self) -> TrainConfig:
         if self.micro_batch_tokens and self.strategy == "deepspeed":
             # DeepSpeed counts micro-steps itself (gradient_accumulation_steps): a variable number of chunks
             # per micro-batch would move its optimizer-step boundary.
@@ -322,7 +332,7 @@ class RunConfig(_Section):
     rl: dict[str, Any] | None = None  # GRPO (`fineray rl`), validated by fineray.rl
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "RunConfig":
+    def _cross_checks(self) -> RunConfig:
         if self.method == "qlora" and self.train.strategy == "deepspeed":
             # bitsandbytes 4-bit params cannot be partitioned by ZeRO-3; ZeRO-2 would need dtype juggling.
             raise ValueError("method=qlora cannot run with train.strategy=deepspeed; use ddp or fsdp")
@@ -454,7 +464,7 @@ def file_fields(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
     """Every field of a plain run config that names a local input file, as (container, key, dotted label).
 
     The fields: `data.train` (or each `data.train[i].path`), `data.validation`, `eval.data`,
-    `eval.general_text`, `train.deepspeed.config_file` and `federated.silos[i].data`, where they hold a path
+    `eval.general_text`, `train.deepspeed.config_file` and `federated.silos[i].data` / `.validation`, where they hold a path
     (not a URI, a built-in or hub name, or a number). Loading resolves them against the config file's folder;
     job submission ships them. Assigning `container[key]` rewrites the config.
     """
@@ -470,7 +480,8 @@ def file_fields(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
     slots.append((_section(_section(data, "train"), "deepspeed"), "config_file", "train.deepspeed.config_file"))
     silos = _section(data, "federated").get("silos")
     if isinstance(silos, list):
-        slots += [(s, "data", f"federated.silos[{i}].data") for i, s in enumerate(silos) if isinstance(s, dict)]
+        slots += [(s, key, f"federated.silos[{i}].{key}") for i, s in enumerate(silos) if isinstance(s, dict)
+                  for key in ("data", "validation")]
     return [(c, k, label) for c, k, label in slots
             if isinstance(c.get(k), str) and c[k] and not is_uri_or_name(c[k])]
 

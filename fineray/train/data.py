@@ -20,15 +20,15 @@ from typing import Any
 from fineray.train.config import DataConfig, DatasetSpec
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "DataError",
     "Example",
-    "BUILTIN_DATASETS",
-    "read_records",
-    "iter_records",
     "detect_format",
-    "to_example",
+    "iter_records",
     "load_examples",
     "load_train_val",
+    "read_records",
+    "to_example",
 ]
 
 FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt")

@@ -30,8 +30,19 @@ from fineray.base import storage
 from fineray.train.config import RunConfig
 from fineray.train.registry import AdapterRegistry, AdapterVersion, RegistryError, sha256_file, validate_name
 
-__all__ = ["DATASETS_DIR", "PART_ROWS", "DatasetRef", "DatasetRegistry", "PartWriter", "parse_dataset_ref",
-           "resolve_dataset", "pin_dataset_refs", "publish_dataset", "audit_summary", "default_registry"]
+__all__ = [
+    "DATASETS_DIR",
+    "PART_ROWS",
+    "DatasetRef",
+    "DatasetRegistry",
+    "PartWriter",
+    "audit_summary",
+    "default_registry",
+    "parse_dataset_ref",
+    "pin_dataset_refs",
+    "publish_dataset",
+    "resolve_dataset",
+]
 
 DATASETS_DIR = "_datasets"  # not a valid adapter name, so adapter listings never show it
 PART_ROWS = 100_000

@@ -32,8 +32,18 @@ from fineray.train.config import RunConfig
 from fineray.train.diagnostics import diagnose
 from fineray.train.registry import AdapterRegistry
 
-__all__ = ["TrainingError", "run_train", "make_trainer", "resolve_adapter", "dataset_fingerprint",
-           "write_run_outputs", "run_dir_for", "plot_curves", "root_cause", "check_run_data"]
+__all__ = [
+    "TrainingError",
+    "check_run_data",
+    "dataset_fingerprint",
+    "make_trainer",
+    "plot_curves",
+    "resolve_adapter",
+    "root_cause",
+    "run_dir_for",
+    "run_train",
+    "write_run_outputs",
+]
 
 
 class TrainingError(RuntimeError):
@@ -227,7 +237,7 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
             stack.enter_context(watch_progress(board, cfg.train.max_steps, enabled=progress))
             try:
                 result = trainer.fit()
-            except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause
+            except Exception as e:  # Ray wraps worker errors; surface the root cause
                 raise TrainingError(f"training failed: {root_cause(e)} (Ray storage: {run_dir / 'ray'})") from e
     wall = time.perf_counter() - t0
     if result.checkpoint is None:

@@ -23,8 +23,7 @@ from fineray.train.batches import collate, epoch_batches, shard_batches, split_b
 from fineray.train.checkpoint import LoopState, unwrap
 from fineray.train.config import RunConfig, TrainConfig
 from fineray.train.data import load_train_val
-from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
-from fineray.train.fastpath import forward_loss
+from fineray.train.fastpath import apply_fast_path, forward_loss, make_batch, resolve_fast, to_device
 from fineray.train.model import count_parameters, load_for_training, pick_dtype
 from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
@@ -133,10 +132,15 @@ def make_objective(cfg: RunConfig, reference_logps: dict[str, tuple[float, float
 
 
 def resume_state(session: Session, resume_from: str | None, strategy: Any, model: torch.nn.Module,
-                 optimizer: Any, scheduler: Any) -> tuple[LoopState, str | None]:
-    """The loop state to start from, and the checkpoint it came from (the session's, else `resume_from`)."""
+                 optimizer: Any, scheduler: Any, banner: str = "") -> tuple[LoopState, str | None]:
+    """The loop state to start from, and the checkpoint it came from (the session's, else `resume_from`).
+
+    Rank 0 prints `banner` (what the run is about to do), saying where it resumes."""
     ckpt = session.get_checkpoint() or resume_from
-    return (strategy.load(ckpt, model, optimizer, scheduler) if ckpt else LoopState()), ckpt
+    state = strategy.load(ckpt, model, optimizer, scheduler) if ckpt else LoopState()
+    if banner and session.rank == 0:
+        print(f"[fineray] rank0: {banner}" + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
+    return state, ckpt
 
 
 def static_metrics(trainable: int, total_params: int, world: int, total_steps: int,
@@ -183,13 +187,11 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     eval_every = tcfg.eval_every
     ckpt_every = tcfg.checkpoint_every or eval_every
 
-    state, ckpt = resume_state(session, resume_from, strategy, model, optimizer, scheduler)
+    state, _ = resume_state(session, resume_from, strategy, model, optimizer, scheduler,
+                            f"{len(train_data)} train / {len(val_data)} val examples, {trainable:,} trainable of "
+                            f"{total_params:,} params, {total_steps} steps, strategy={strategy.name}, "
+                            f"{fast.describe()}")
     static = static_metrics(trainable, total_params, world, total_steps, data_stats)
-    if session.rank == 0:
-        print(f"[fineray] rank0: {len(train_data)} train / {len(val_data)} val examples, "
-              f"{trainable:,} trainable of {total_params:,} params, {total_steps} steps, "
-              f"strategy={strategy.name}, {fast.describe()}"
-              + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
 
     def write_ckpt(target: Path) -> None:
         final = state.step >= total_steps or bool(stop_reason)  # sharded strategies consolidate the weights

@@ -133,7 +133,7 @@ def model_shape(base: str) -> ModelShape | None:
         from transformers import AutoConfig
 
         return ModelShape.from_config(AutoConfig.from_pretrained(str(path)).to_dict())
-    except Exception:  # noqa: BLE001 - hub lookups fail offline
+    except Exception:  # noqa: BLE001 - a missing package or directory just means "shape unknown"
         return None
 
 

@@ -18,18 +18,16 @@ needed). This module holds DDP and what the strategies share; FSDP is in `strate
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fineray.base.storage import atomic_dir
-from fineray.train.checkpoint import LoopState, load_checkpoint, save_checkpoint, unwrap, write_jsonl
+from fineray.train.checkpoint import LoopState, load_checkpoint, save_checkpoint, unwrap
 from fineray.train.config import TrainConfig
 from fineray.train.session import RaySession, Session
 
@@ -70,23 +68,6 @@ def is_peft(model: torch.nn.Module) -> bool:
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     m = unwrap(model)
     return m.get_base_model() if hasattr(m, "get_base_model") else m
-
-
-def write_common(target: Path, scheduler: Any, state: LoopState, strategy: str) -> None:
-    torch.save({"scheduler": scheduler.state_dict(), "strategy": strategy,
-                "state": {k: v for k, v in asdict(state).items() if k != "history"}}, target / "trainer_state.pt")
-    write_jsonl(target / "metrics.jsonl", state.history)
-
-
-def read_common(ckpt: Path, scheduler: Any) -> LoopState:
-    blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if scheduler is not None:
-        scheduler.load_state_dict(blob["scheduler"])
-    state = LoopState(**blob["state"])
-    hist = ckpt / "metrics.jsonl"
-    if hist.exists():
-        state.history = [json.loads(x) for x in hist.read_text().splitlines() if x.strip()]
-    return state
 
 
 def save_consolidated(model: torch.nn.Module, full_sd: dict[str, torch.Tensor], target: Path,

@@ -10,16 +10,14 @@ from typing import Any
 
 import torch
 
-from fineray.train.checkpoint import LoopState
+from fineray.train.checkpoint import LoopState, read_loop_state, write_loop_state
 from fineray.train.config import TrainConfig
 from fineray.train.strategies import (
     Strategy,
     build_optimizer,
     ensure_process_group,
     is_peft,
-    read_common,
     save_consolidated,
-    write_common,
 )
 
 __all__ = ["DeepSpeedStrategy", "deepspeed_config"]
@@ -113,7 +111,7 @@ class DeepSpeedStrategy(Strategy):
                 if self.session.rank == 0:
                     save_consolidated(self.engine.module, full, out, self.base_name)
             if self.session.rank == 0:
-                write_common(out, scheduler, state, self.name)
+                write_loop_state(out, scheduler, state, strategy=self.name)
 
         self.write_checkpoint(target, write)
 
@@ -121,4 +119,4 @@ class DeepSpeedStrategy(Strategy):
         ckpt = Path(ckpt)
         self.engine.load_checkpoint(str(ckpt / "ds"), tag="state", load_module_strict=False,
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
-        return read_common(ckpt, scheduler)
+        return read_loop_state(ckpt, scheduler)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fineray.train.checkpoint import LoopState
+from fineray.train.checkpoint import LoopState, read_loop_state, write_loop_state
 from fineray.train.strategies import (
     Strategy,
     build_optimizer,
@@ -18,9 +18,7 @@ from fineray.train.strategies import (
     ensure_process_group,
     is_peft,
     is_quantized,
-    read_common,
     save_consolidated,
-    write_common,
 )
 
 __all__ = ["FSDPStrategy", "consolidate_checkpoint", "fsdp_units"]
@@ -108,7 +106,7 @@ class FSDPStrategy(Strategy):
                 if self.session.rank == 0:
                     save_consolidated(model, full, out, self.base_name)
             if self.session.rank == 0:
-                write_common(out, scheduler, state, self.name)
+                write_loop_state(out, scheduler, state, strategy=self.name)
 
         self.write_checkpoint(target, write)
 
@@ -122,7 +120,7 @@ class FSDPStrategy(Strategy):
         dcp.load(blob, checkpoint_id=str(ckpt / "shards"))
         set_state_dict(model, optimizer, model_state_dict=blob["model"], optim_state_dict=blob["optim"],
                        options=self._options(model, False))
-        return read_common(ckpt, scheduler)
+        return read_loop_state(ckpt, scheduler)
 
 
 def consolidate_checkpoint(ckpt: str | Path, out: str | Path, base: str | None = None) -> Path:
@@ -141,7 +139,7 @@ def consolidate_checkpoint(ckpt: str | Path, out: str | Path, base: str | None =
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(str(ckpt / "shards"), f"{tmp}/full.pt")
         blob = torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)
-    sd = {k: v for k, v in blob["model"].items()}
+    sd = dict(blob["model"])
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fineray.train.model import resolve_base

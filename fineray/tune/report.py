@@ -74,7 +74,7 @@ def _finite(v: Any) -> bool:
 
 def _error_text(err: BaseException) -> str:
     lines = [x.strip() for x in str(err).splitlines() if x.strip()]
-    ours = [x for x in lines if "TrainingError" in x or "trial " in x and "failed" in x]
+    ours = [x for x in lines if "TrainingError" in x or ("trial " in x and "failed" in x)]
     return (ours[-1] if ours else " | ".join(lines[-2:]) or type(err).__name__)[:500]
 
 

@@ -278,7 +278,7 @@ def _finish(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sw
             result.plots = write_plots(records, space, tcfg.metrics, tcfg.modes, local)
         except Exception as e:  # noqa: BLE001 - plots are a convenience; never lose the sweep over them
             log.warning("could not draw the sweep plots: %s", e)
-    summary = {k: v for k, v in result.__dict__.items()}
+    summary = dict(result.__dict__)
     (local / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     if storage.is_remote(sweep_uri):
         for f in [local / "results.json", result.best_config_path, *result.plots]:

@@ -45,7 +45,7 @@ def test_rejects_nan_wrong_shape_missing_key_and_large_norm():
         max_delta_norm=10.0,
     )
     # Assert
-    by_silo = {silo: reason for silo, reason in rejections}
+    by_silo = dict(rejections)
     assert set(by_silo) == {"nan", "shape", "missing", "big"}
     assert f"non-finite values in {B}" == by_silo["nan"]
     assert by_silo["shape"] == f"shape of {A}: expected (4, 16), got (4, 15)"
