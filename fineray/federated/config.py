@@ -13,14 +13,13 @@ here too, each with the reason in its message:
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fineray.federated.secagg import SecAggConfig
 from fineray.federated.strategies import STRATEGIES, AggregationStrategy, get_strategy
-from fineray.train.config import ConfigError, RunConfig, ValidationSplit, repeated
+from fineray.train.config import ConfigError, RunConfig, ValidationSplit, format_validation_error, repeated
 
 __all__ = [
     "DPSettings",
@@ -247,18 +246,6 @@ class FederatedConfig(_Section):
         return {k: v for k, v in self.strategy_options.items() if k not in client}
 
 
-def _message(err: ValidationError) -> str:
-    lines = ["invalid config (federated):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in ("federated", *e["loc"]))
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        head, sep, rest = msg.partition(": ")
-        if not e["loc"] and sep and re.fullmatch(r"[a-z_]+", head):  # cross-field rule naming its key
-            loc, msg = f"federated.{head}", rest
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
-
-
 def federated_config(cfg: RunConfig | dict[str, Any] | None) -> FederatedConfig:
     """Validates the ``federated`` section of a run config.
 
@@ -277,4 +264,4 @@ def federated_config(cfg: RunConfig | dict[str, Any] | None) -> FederatedConfig:
     try:
         return FederatedConfig.model_validate(section)
     except ValidationError as e:
-        raise ConfigError(_message(e)) from None
+        raise ConfigError(format_validation_error(e, "federated", section="federated")) from None

@@ -160,8 +160,7 @@ def parse_rl_config(cfg: RunConfig) -> RlConfig:
     try:
         rl = RlConfig.model_validate(cfg.rl)
     except ValidationError as e:
-        msg = format_validation_error(e, "rl", "rl section")
-        raise ConfigError(msg.replace("\n  ", "\n  rl.")) from None
+        raise ConfigError(format_validation_error(e, "rl", "rl section", section="rl")) from None
     world = cfg.scaling.num_workers
     if rl.prompts_per_step % world:
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of scaling.num_workers={world}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,13 +111,29 @@ class RunConfig(Section):
         return self.model_dump(mode="json")
 
 
-def format_validation_error(err: ValidationError, source: str, what: str = "config") -> str:
-    """One line per problem, each naming its dotted key (`train.lrr: unknown key`)."""
+def format_validation_error(err: ValidationError, source: str, what: str = "config",
+                            section: str | None = None) -> str:
+    """One line per problem, each naming its dotted key (`train.lrr: unknown key`).
+
+    Args:
+        err: pydantic's error.
+        source: where the config came from (file name), shown in the first line.
+        what: what was invalid (`config`, `tune section`, ...), shown in the first line.
+        section: the top-level section the model validated (`tune`, `federated`, `rl`): keys are prefixed
+            with it, and a rule of the whole section whose message starts with its key (`silos: duplicate
+            names`) is reported under that key.
+    """
     lines = [f"invalid {what} ({source}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}" + ("" if e["type"] == "extra_forbidden" else f" (got {e['input']!r})"))
+        loc = [section, *e["loc"]] if section else list(e["loc"])
+        extra = e["type"] == "extra_forbidden"
+        msg = "unknown key" if extra else e["msg"].removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        whole = section is not None and not e["loc"]
+        if whole and sep and re.fullmatch(r"[a-z_]+", head):  # a cross-field rule naming its key
+            loc, msg = [section, head], rest
+        got = "" if extra or whole else f" (got {reprlib.repr(e['input'])})"
+        lines.append(f"  {'.'.join(str(p) for p in loc) or '<root>'}: {msg}{got}")
     return "\n".join(lines)
 
 
