@@ -213,8 +213,8 @@ def run_grpo_fineray(case: tuple, device: str, root: Path, backend: str) -> dict
     import ray
 
     from fineray.train.config import load_config
-    from fineray.train.rl._loop import rl_loop
-    from fineray.train.rl._rollout import RolloutWorker
+    from fineray.rl._loop import rl_loop
+    from fineray.rl._rollout import RolloutWorker
     from fineray.train.session import LocalSession
 
     shape, prompts, group, new, steps, warmup = case

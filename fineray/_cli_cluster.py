@@ -1,7 +1,5 @@
 """`fineray submit`, `fineray jobs ...` and `fineray k8s ...`: runs on a Ray cluster (Ray Jobs API, KubeRay)."""
 
-# ruff: noqa: B008 - typer declares a command's options as its parameters' defaults
-
 from __future__ import annotations
 
 import json
@@ -11,7 +9,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from fineray._cli_common import console, err, fail, fmt, load_run_config
+from fineray._cli_common import check_kind_section, console, err, fail, fmt, load_run_config
+from fineray.base.runs import KINDS
 
 __all__ = ["jobs_app", "k8s_app", "submit"]
 
@@ -19,6 +18,7 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster (Ray Jo
 k8s_app = typer.Typer(no_args_is_help=True, help="KubeRay manifests.")
 
 _ADDRESS_HELP = "Ray dashboard URL, e.g. http://ray-head:8265 (default: $RAY_ADDRESS)."
+_KINDS_HELP = " | ".join(KINDS)
 _TOKEN_HELP = "Ray auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."
 
 
@@ -35,7 +35,7 @@ def _env_pairs(items: list[str] | None) -> dict[str, str]:
 def submit(config: Path = typer.Argument(..., help="Run config YAML."),
            overrides: list[str] | None = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
            address: str | None = typer.Option(None, "--address", help=_ADDRESS_HELP),
-           kind: str = typer.Option("train", "--kind", help="train | tune | federated | rl"),
+           kind: str = typer.Option("train", "--kind", help=_KINDS_HELP),
            wait: bool = typer.Option(False, "--wait", help="Follow the logs; exit with the job's status."),
            storage: str | None = typer.Option(None, "--storage",
                                                  help="Base for relative output.dir/output.registry (s3://..., gs://..., shared path)."),
@@ -48,6 +48,7 @@ def submit(config: Path = typer.Argument(..., help="Run config YAML."),
     """Submit a fineray run to a Ray cluster (Ray Jobs API)."""
     overrides = list(overrides or [])
     cfg = load_run_config(config, overrides)
+    check_kind_section(cfg, kind)
     from fineray.cluster.jobs import JobError, submit_run, wait_for_job
 
     try:
@@ -140,12 +141,13 @@ def jobs_stop(job: str = typer.Argument(..., help="Submission id."),
 def k8s_render(config: Path = typer.Argument(..., help="Run config YAML."),
                overrides: list[str] | None = typer.Argument(None),
                image: str = typer.Option(..., help="Container image, e.g. REGISTRY/fineray:TAG."),
-               kind: str = typer.Option("train", help="train | tune | federated | rl"),
+               kind: str = typer.Option("train", help=_KINDS_HELP),
                name: str | None = typer.Option(None, help="RayJob name (default from output.name)."),
                namespace: str | None = typer.Option(None),
                storage: str = typer.Option("/mnt/fineray", help="Shared storage mount or URI for outputs.")) -> None:
     """Render a KubeRay RayJob (plus its ConfigMap) for a run config; workers/GPUs/CPUs from `scaling`."""
     cfg = load_run_config(config, list(overrides or []))
+    check_kind_section(cfg, kind)
     from fineray.cluster.k8s import dump_yaml, render_rayjob, validate_manifest
 
     try:

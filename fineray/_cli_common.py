@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "err", "fail", "fmt", "load_run_config", "print_summary", "user_errors"]
+if TYPE_CHECKING:
+    from fineray.train.config import RunConfig
+
+__all__ = ["check_kind_section", "console", "err", "fail", "fmt", "load_run_config", "print_summary", "user_errors"]
 
 console = Console()
 err = Console(stderr=True)
@@ -21,7 +24,7 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def load_run_config(config: Path | None, overrides: list[str]) -> Any:
+def load_run_config(config: Path | None, overrides: list[str]) -> RunConfig:
     """The validated `RunConfig` from `config` plus `key=value` overrides; a config error exits with 2."""
     from fineray.train.config import ConfigError, load_config
 
@@ -29,6 +32,29 @@ def load_run_config(config: Path | None, overrides: list[str]) -> Any:
         return load_config(config, overrides)
     except ConfigError as e:
         fail(str(e))
+
+
+def check_kind_section(cfg: RunConfig, kind: str) -> None:
+    """Validate the section a run kind reads (`tune:`, `federated:`, `rl:`) before the run is submitted or
+    rendered for a cluster, so a bad key fails here instead of after the job waited for the cluster; exits
+    with 1 then, as the kind's own command does."""
+    from fineray.train.config import ConfigError
+
+    try:
+        if kind == "tune":
+            from fineray.tune.config import parse_tune_config, validate_search_space
+
+            validate_search_space(cfg, parse_tune_config(cfg))
+        elif kind == "federated":
+            from fineray.federated.config import federated_config
+
+            federated_config(cfg)
+        elif kind == "rl":
+            from fineray.rl.config import parse_rl_config
+
+            parse_rl_config(cfg)
+    except ConfigError as e:
+        fail(str(e), 1)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -1,7 +1,5 @@
 """`fineray data audit|prepare|from-feedback|list|show`: data quality checks and versioned datasets."""
 
-# ruff: noqa: B008 - typer declares a command's options as its parameters' defaults
-
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +7,15 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from fineray._cli_common import console, fail, load_run_config, user_errors
+
+if TYPE_CHECKING:
+    from fineray.train.config import RunConfig
 
 __all__ = ["data_app"]
 
@@ -28,7 +29,7 @@ def _is_config(target: str) -> bool:
 
 
 def _splits(target: str, overrides: list[str], validation: str | None, eval_data: str | None,
-            fmt: str) -> tuple[Any, dict[str, Any]]:
+            fmt: str) -> tuple[RunConfig | None, dict[str, Any]]:
     """(run config or None, {split: [Source]}) for a config or a data file."""
     from fineray.train.audit import Source, run_splits
 
@@ -45,7 +46,7 @@ def _splits(target: str, overrides: list[str], validation: str | None, eval_data
     return None, splits
 
 
-def _tokenizer(cfg: Any, model: str | None) -> Any:
+def _tokenizer(cfg: RunConfig | None, model: str | None) -> Any:
     from fineray.train.config import EMBEDDED_MODEL, ModelConfig
     from fineray.train.model import load_tokenizer, resolve_base
 

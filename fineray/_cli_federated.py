@@ -1,7 +1,5 @@
 """`fineray federated`: simulate a federation on one cluster, or run its coordinator and silos over HTTPS."""
 
-# ruff: noqa: B008 - typer declares a command's options as its parameters' defaults
-
 from __future__ import annotations
 
 import json

@@ -3,8 +3,6 @@
 Components are imported inside the command so that `fineray --help` and config errors stay instant.
 """
 
-# ruff: noqa: B008 - typer declares a command's options as its parameters' defaults
-
 from __future__ import annotations
 
 import json
@@ -24,8 +22,8 @@ def rl(config: Path = typer.Argument(..., help="Run config YAML with an `rl:` se
        json_out: Path | None = typer.Option(None, "--json", help="Also write the summary here.")) -> None:
     """GRPO: sample G completions per prompt, score them with reward functions, train on group advantages."""
     cfg = load_run_config(config, list(overrides or []))
+    from fineray.rl import run_rl
     from fineray.train.launcher import TrainingError
-    from fineray.train.rl import run_rl
 
     try:
         summary = run_rl(cfg, progress=not no_progress, evaluate=False if no_eval else None)

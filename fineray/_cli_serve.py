@@ -1,8 +1,6 @@
 """`fineray serve`, `fineray generate` and `fineray score`: registered adapters online (Ray Serve) and offline
 (Ray Data), reward models scoring conversations offline."""
 
-# ruff: noqa: B008 - typer declares a command's options as its parameters' defaults
-
 from __future__ import annotations
 
 import json

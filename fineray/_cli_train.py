@@ -3,8 +3,6 @@
 Components are imported inside the commands so that `fineray --help` and config errors stay instant.
 """
 
-# ruff: noqa: B008 - typer declares a command's options as its parameters' defaults
-
 from __future__ import annotations
 
 import json

@@ -3,7 +3,7 @@
 
 This module is the entry point (`fineray = "fineray.cli:main"`, `python -m fineray.cli`): it builds the app and
 registers the commands, which live beside it by component: `_cli_train` (train, eval, export, plan, tune),
-`_cli_rl` (rl), `_cli_serve` (serve, generate, score), `_cli_cluster` (submit, jobs, k8s), `_cli_adapters`,
+`_cli_rl` (rl), `_cli_serve` (serve, generate, score), `_cli_cluster` (submit, jobs, k8s), `_cli_registry`,
 `_cli_data` (audit, prepare, from-feedback) and `_cli_federated`;
 `_cli_common` holds what they share.
 """
@@ -15,11 +15,11 @@ import sys
 
 import typer
 
-from fineray._cli_adapters import adapters_app
 from fineray._cli_cluster import jobs_app, k8s_app, submit
 from fineray._cli_common import print_summary
 from fineray._cli_data import data_app
 from fineray._cli_federated import FEDERATED_COMMANDS, federated_app
+from fineray._cli_registry import adapters_app
 from fineray._cli_rl import rl
 from fineray._cli_serve import generate, score, serve
 from fineray._cli_train import eval_cmd, export, plan, train, tune

@@ -25,15 +25,14 @@ def shared_ray():
     down only what they started, so modules can share it. A test that stops it (`no_ray`) only makes later
     users start their own again, as they would without this fixture.
     """
-    import logging
-
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    from fineray.base.connect import init_ray, shutdown_ray
+
+    init_ray(None, 2)  # pinned by address: other Ray instances on the machine do not confuse it
     yield
     if ray.is_initialized():
-        ray.shutdown()
+        shutdown_ray()
 
 
 @pytest.fixture(scope="session")

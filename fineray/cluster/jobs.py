@@ -31,14 +31,14 @@ from typing import IO, Any
 
 import yaml
 
+from fineray.base.runs import check_kind, default_run_name, run_stem, timestamp
+from fineray.base.storage import is_remote, join
 from fineray.cluster._auth import JobError, connect, is_local_address, resolve_address, translate_error
-from fineray.cluster.storage import is_remote, join
-from fineray.train.config import RunConfig, config_hash, validate_config
+from fineray.train.config import RunConfig, config_hash, file_fields, validate_config
 
 __all__ = [
     "CONFIG_NAME",
     "EXIT_CODES",
-    "KINDS",
     "JobError",
     "StagedRun",
     "Submission",
@@ -58,13 +58,11 @@ __all__ = [
     "wait_for_job",
 ]
 
-KINDS = ("train", "tune", "federated", "rl")
 #: Process exit status of `fineray submit --wait` / `fineray jobs ...` per terminal job status (130 = like Ctrl-C).
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 130}
 CONFIG_NAME = "config.yaml"
 #: The dashboard accepts packages up to 100 MiB; bigger data belongs on shared storage anyway.
 MAX_SHIPPED_DATA = 90 * 2**20
-_NAMES = ("fineray:", "embedded:", "tiny:", "hf:", "dataset:")
 _FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -93,25 +91,8 @@ def _place_output(value: str, key: str, *, local: bool, storage: str | None, not
     return new
 
 
-def _data_slots(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
-    """(container, key, label) of every config field naming a local input file (data, DeepSpeed JSON)."""
-    slots: list[tuple[dict[str, Any], str, str]] = []
-    d = data.get("data") or {}
-    if isinstance(d.get("train"), list):
-        slots += [(spec, "path", f"data.train[{i}].path") for i, spec in enumerate(d["train"])]
-    else:
-        slots.append((d, "train", "data.train"))
-    slots.append((d, "validation", "data.validation"))
-    slots.append((data.get("eval") or {}, "data", "eval.data"))
-    ds = ((data.get("train") or {}).get("deepspeed") or {})
-    slots.append((ds, "config_file", "train.deepspeed.config_file"))
-    silos = (data.get("federated") or {}).get("silos") if isinstance(data.get("federated"), dict) else None
-    slots += [(s, "data", f"federated.silos[{i}].data") for i, s in enumerate(silos or []) if isinstance(s, dict)]
-    return [(c, k, label) for c, k, label in slots if isinstance(c.get(k), str) and c.get(k)]
-
-
-def stage_run(cfg: RunConfig, *, local: bool, storage: str | None = None,
-              ship_data: bool | None = None) -> StagedRun:
+def stage_run(cfg: RunConfig, *, local: bool, storage: str | None = None, ship_data: bool | None = None,
+              kind: str = "train") -> StagedRun:
     """The config to ship: cluster address `auto`, a fixed `output.name`, cluster-safe output and data paths.
 
     Args:
@@ -119,6 +100,7 @@ def stage_run(cfg: RunConfig, *, local: bool, storage: str | None = None,
         local: the dashboard runs on this machine (relative outputs become absolute local paths).
         storage: base URI or shared path for relative `output.dir` / `output.registry`.
         ship_data: copy local data files into the job's working dir (default: only for a remote cluster).
+        kind: the run kind (names the run when `output.name` is empty, as that command would).
 
     Raises:
         JobError: a relative output path for a remote cluster without `storage`, or too much data to ship.
@@ -128,8 +110,9 @@ def stage_run(cfg: RunConfig, *, local: bool, storage: str | None = None,
     data["cluster"] = {"address": "auto", "num_cpus": None}  # join the job's cluster (RAY_ADDRESS in the job)
     out = data["output"]
     if not out.get("name"):  # fixed here so the run dir and the registry name are known at submit time
-        base = cfg.model.base.split(":")[-1].split("/")[-1]
-        out["name"] = f"{base}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        strategy = (cfg.federated or {}).get("strategy")
+        out["name"] = default_run_name(kind, model=cfg.model.base, method=cfg.method,
+                                       strategy=strategy if isinstance(strategy, str) else "")
     for key in ("dir", "registry"):
         out[key] = _place_output(out[key], f"output.{key}", local=local, storage=storage, notes=notes)
     adapter = data["model"].get("adapter")
@@ -138,10 +121,8 @@ def stage_run(cfg: RunConfig, *, local: bool, storage: str | None = None,
     ship = (not local) if ship_data is None else ship_data
     files: dict[str, Path] = {}
     total = 0
-    for container, key, label in _data_slots(data):
+    for container, key, label in file_fields(data):
         ref = container[key]
-        if "://" in ref or ref.startswith(_NAMES):
-            continue
         path = Path(ref).expanduser()
         if not path.exists():
             continue  # may exist on the cluster (a shared path); the job names it if not
@@ -161,14 +142,10 @@ def stage_run(cfg: RunConfig, *, local: bool, storage: str | None = None,
     return StagedRun(validate_config(data, "submitted config"), files, notes)
 
 
-def _stem(name: str) -> str:
-    return re.sub(r"-\d{8}-\d{6}$", "", name)
-
-
 def submission_id_for(kind: str, name: str | None, now: datetime | None = None) -> str:
     """`fineray-<kind>-<name>-<yyyymmdd-hhmmss>-<4 hex>` (name cleaned to `[a-z0-9-]`, at most 40 chars)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", _stem(name or "run").lower()).strip("-")[:40].rstrip("-") or "run"
-    return f"fineray-{kind}-{slug}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    slug = re.sub(r"[^a-z0-9]+", "-", run_stem(name or "run").lower()).strip("-")[:40].rstrip("-") or "run"
+    return f"fineray-{kind}-{slug}-{timestamp(now)}-{secrets.token_hex(2)}"
 
 
 def entrypoint_for(kind: str, config_name: str = CONFIG_NAME, *, ship_code: bool = True) -> str:
@@ -244,22 +221,16 @@ def submit_run(cfg: RunConfig, kind: str, address: str | None = None, *, config_
     Raises:
         JobError: unreachable dashboard, rejected token, unsafe output paths, or a refused submission.
     """
-    if kind not in KINDS:
-        raise JobError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-    if kind == "rl":  # the `rl:` section is checked here, not after the job has queued for a cluster
-        from fineray.train.config import ConfigError
-        from fineray.train.rl.config import parse_rl_config
-
-        try:
-            parse_rl_config(cfg)
-        except ConfigError as e:
-            raise JobError(str(e)) from None
+    try:
+        check_kind(kind)
+    except ValueError as e:
+        raise JobError(str(e)) from None
     if not config_name or "/" in config_name or config_name.startswith("."):
         raise JobError(f"config_name must be a plain file name, got {config_name!r}")
     client = connect(address, token)
     url = client.get_address()
     local = is_local_address(url)
-    staged = stage_run(cfg, local=local, storage=storage, ship_data=ship_data)
+    staged = stage_run(cfg, local=local, storage=storage, ship_data=ship_data, kind=kind)
     out = staged.config.output
     sid = submission_id or submission_id_for(kind, out.name)
     entrypoint = entrypoint_for(kind, config_name, ship_code=ship_code)

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from fineray.base.runs import check_kind
 from fineray.cluster._k8s_names import (
     DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
@@ -43,7 +44,6 @@ from fineray.cluster._k8s_yaml import dump_yaml, load_yaml_documents
 __all__ = [
     "CONFIG_DIR",
     "DEFAULT_STORAGE",
-    "KINDS",
     "RAY_API_VERSION",
     "RAY_VERSION",
     "crd_dir",
@@ -54,8 +54,6 @@ __all__ = [
     "validate_manifest",
 ]
 
-#: fineray commands that can run as a RayJob.
-KINDS = ("train", "tune", "federated", "rl")
 RAY_VERSION = "2.60.0"
 RAY_API_VERSION = "ray.io/v1"
 #: Shared-storage mount point (the PVC) inside every Ray pod.
@@ -107,8 +105,7 @@ def render_rayjob(
     Raises:
         ValueError: unknown kind, bad scaling values, or a name that cannot be made DNS-1035 valid.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    check_kind(kind)
     if not isinstance(run_config, Mapping):
         raise TypeError(f"run_config must be a mapping, got {type(run_config).__name__}")
     if not isinstance(image, str) or not image or any(c.isspace() for c in image):

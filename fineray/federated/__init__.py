@@ -16,7 +16,7 @@ Public entry points (imported lazily so that ``import fineray.federated`` stays 
 
 from __future__ import annotations
 
-from fineray._lazy import lazy_exports
+from fineray.base.lazy import lazy_exports
 
 __all__ = ["FederatedConfig", "FederationResult", "federated_config", "generate_pki", "print_federation",
            "run_coordinator", "run_silo", "run_simulation"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fineray.federated import adapters as ad
+from fineray.federated import global_model as gm
 from fineray.federated._lora import flatten, lora_pairs, unflatten
 from fineray.federated._secagg_round import SecAggRound
 from fineray.federated.config import FederatedConfig
@@ -78,7 +78,7 @@ def screen_update(blob: bytes, adapter: dict[str, torch.Tensor], adapter_config:
     if not isinstance(n, int) or n < 1:
         return [f"num_examples must be a positive integer, got {n!r}"], {}
     try:
-        tensors = ad.from_silo_rank(tensors, adapter_config, global_rank)
+        tensors = gm.from_silo_rank(tensors, adapter_config, global_rank)
     except (ValueError, KeyError) as e:
         return [f"bad LoRA factors: {e}"], {}
     reasons = validate_update(tensors, adapter, allow_rank_change=heterogeneous_rank,

@@ -116,7 +116,7 @@ def run_silo(coordinator_url: str, name: str, data: str, token: str | None = Non
         cfg = validate_config(apply_overrides(settings, list(overrides or [])), f"silo {name}")
         work = Path(work_dir or f"fineray-silo-{name}").resolve()
         if trainer == "ray":
-            from fineray.cluster.connect import ray_cluster
+            from fineray.base.connect import ray_cluster
 
             with ray_cluster(cfg.cluster.address, num_cpus or cfg.cluster.num_cpus):
                 worker = SiloWorker(name, cfg, data, validation, work, trainer="ray")
@@ -132,8 +132,7 @@ def _call(client: SiloClient, method: str, path: str, max_wait_s: float, **kw: A
     start, delay = time.monotonic(), 0.5
     while True:
         try:
-            resp = client.request(method, path, **kw)
-            return resp
+            return client.request(method, path, **kw)
         except httpx.TransportError as e:
             err: Exception = e
         except httpx.HTTPStatusError as e:

@@ -13,14 +13,13 @@ here too, each with the reason in its message:
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fineray.federated.secagg import SecAggConfig
 from fineray.federated.strategies import STRATEGIES, AggregationStrategy, get_strategy
-from fineray.train.config import ConfigError, RunConfig
+from fineray.train.config import ConfigError, RunConfig, ValidationSplit, format_validation_error, repeated
 
 __all__ = [
     "DPSettings",
@@ -51,18 +50,11 @@ class SiloSpec(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     data: str | None = None
-    validation: str | float | None = 0.1
+    validation: ValidationSplit = 0.1
     resources: dict[str, float] | None = None
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     rank: int | None = Field(None, ge=1)
-
-    @field_validator("validation")
-    @classmethod
-    def _fraction(cls, v: str | float | None) -> str | float | None:
-        if isinstance(v, float) and not 0 < v < 1:
-            raise ValueError("a validation fraction must be in (0, 1)")
-        return v
 
 
 class SecAggSettings(_Section):
@@ -191,8 +183,7 @@ class FederatedConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FederatedConfig:
-        names = [s.name for s in self.silos]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated([s.name for s in self.silos])
         if dupes:
             raise ValueError(f"silos: duplicate names {dupes}")
         if self.local_steps is not None and self.local_epochs is not None:
@@ -255,18 +246,6 @@ class FederatedConfig(_Section):
         return {k: v for k, v in self.strategy_options.items() if k not in client}
 
 
-def _message(err: ValidationError) -> str:
-    lines = ["invalid config (federated):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in ("federated", *e["loc"]))
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        head, sep, rest = msg.partition(": ")
-        if not e["loc"] and sep and re.fullmatch(r"[a-z_]+", head):  # cross-field rule naming its key
-            loc, msg = f"federated.{head}", rest
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
-
-
 def federated_config(cfg: RunConfig | dict[str, Any] | None) -> FederatedConfig:
     """Validates the ``federated`` section of a run config.
 
@@ -285,4 +264,4 @@ def federated_config(cfg: RunConfig | dict[str, Any] | None) -> FederatedConfig:
     try:
         return FederatedConfig.model_validate(section)
     except ValidationError as e:
-        raise ConfigError(_message(e)) from None
+        raise ConfigError(format_validation_error(e, "federated", section="federated")) from None

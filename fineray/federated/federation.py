@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fineray.federated import adapters as ad
+from fineray.federated import global_model as gm
 from fineray.federated._aggregation import (
     RoundState,
     aggregate_round,
@@ -49,11 +49,12 @@ from fineray.federated.config import FederatedConfig
 from fineray.federated.dp import DPAccountant
 from fineray.federated.state import FederationSnapshot, load_snapshot, save_snapshot
 from fineray.federated.wire import SubmitError, pack_tensors, sha256_bytes
+from fineray.train.config import RunConfig
 
 __all__ = ["Federation", "RoundState", "SubmitError", "compat_hash", "trainable_keys"]
 
 
-def compat_hash(run_cfg: Any, fcfg: FederatedConfig) -> str:
+def compat_hash(run_cfg: RunConfig, fcfg: FederatedConfig) -> str:
     """Hash of the settings a checkpoint depends on (rounds, timeouts and paths may change on resume)."""
     import hashlib
     import json
@@ -76,7 +77,7 @@ class Federation:
         init_adapter: ``() -> (tensors, adapter_config)`` for round 0 (default: PEFT's init of the base).
     """
 
-    def __init__(self, run_cfg: Any, fcfg: FederatedConfig, state_dir: str | Path, *,
+    def __init__(self, run_cfg: RunConfig, fcfg: FederatedConfig, state_dir: str | Path, *,
                  clock: Callable[[], float] = time.monotonic, noise_generator: torch.Generator | None = None,
                  init_adapter: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> None:
         self.run_cfg, self.fcfg, self.state_dir = run_cfg, fcfg, Path(state_dir)
@@ -96,7 +97,7 @@ class Federation:
         snap = load_snapshot(self.state_dir, self.strategy)
         self.resumed = snap is not None
         if snap is None:
-            init = init_adapter or (lambda: ad.initial_adapter(run_cfg, fcfg.seed, self.global_rank))
+            init = init_adapter or (lambda: gm.initial_adapter(run_cfg, fcfg.seed, self.global_rank))
             tensors, config = init()
             snap = FederationSnapshot(round=0, adapter=tensors, adapter_config=config, config_hash=self.config_hash)
             save_snapshot(self.state_dir, snap, self.strategy)
@@ -123,7 +124,7 @@ class Federation:
     @property
     def scaling(self) -> float:
         """PEFT scaling of the global adapter."""
-        return ad.lora_scaling(self.adapter_config, self.global_rank)
+        return gm.lora_scaling(self.adapter_config, self.global_rank)
 
     def epsilon(self) -> float | None:
         """Epsilon at ``dp.delta`` spent so far (None without DP)."""
@@ -135,11 +136,11 @@ class Federation:
             r = self.silo_rank.get(silo, self.global_rank) if silo else self.global_rank
             key = f"{self.round}:{r}"
             if key not in self._blobs:
-                tensors, config = ad.to_silo_rank(self.adapter, self.adapter_config, r)
+                tensors, config = gm.to_silo_rank(self.adapter, self.adapter_config, r)
                 blob = pack_tensors(tensors, {"version": self.round, "adapter_config": config})
                 self._blobs[key] = (blob, sha256_bytes(blob))
             blob, sha = self._blobs[key]
-            return blob, sha, ad.to_silo_rank(self.adapter, self.adapter_config, r)[1]
+            return blob, sha, gm.to_silo_rank(self.adapter, self.adapter_config, r)[1]
 
     def residual_blob(self) -> tuple[bytes, str] | None:
         """``(bytes, sha256)`` of the folded base residual, or None."""
@@ -148,7 +149,7 @@ class Federation:
                 return None
             key = f"{self.round}:residual"
             if key not in self._blobs:
-                blob = pack_tensors(ad.residual_to_tensors(self.residual), {"version": self.round})
+                blob = pack_tensors(gm.residual_to_tensors(self.residual), {"version": self.round})
                 self._blobs[key] = (blob, sha256_bytes(blob))
             return self._blobs[key]
 
@@ -350,7 +351,7 @@ class Federation:
                                            strategy_state=self.strategy_state, global_rank=self.global_rank,
                                            noise=self._noise)
         self.adapter = new
-        self.residual = ad.fold_residual(self.residual, result.base_delta, self.scaling)
+        self.residual = gm.fold_residual(self.residual, result.base_delta, self.scaling)
         self.strategy_state = result.state
         if self.accountant is not None:
             self.accountant.step()
@@ -384,4 +385,4 @@ class Federation:
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The servable PEFT adapter of the current global model (residual folded in exactly)."""
         with self._lock:
-            return ad.export_peft(self.adapter, self.adapter_config, self.residual)
+            return gm.export_peft(self.adapter, self.adapter_config, self.residual)

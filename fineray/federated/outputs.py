@@ -12,21 +12,21 @@ Run folder (``output.dir/output.name``)::
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fineray.federated.adapters import write_adapter_dir
+from fineray.base.runs import default_run_name, registry_name
 from fineray.federated.config import FederatedConfig
+from fineray.federated.global_model import write_adapter_dir
 from fineray.federated.report import FederationResult, plot_curves, version_eval
+from fineray.train.config import RunConfig
 
-__all__ = ["check_run_config", "federation_run_dir", "finalize", "registry_name"]
+__all__ = ["check_run_config", "federation_run_dir", "finalize"]
 
 
-def check_run_config(cfg: Any, fcfg: FederatedConfig) -> None:
+def check_run_config(cfg: RunConfig, fcfg: FederatedConfig) -> None:
     """Run-config rules of a federation (the federated section itself is checked by its model).
 
     Raises:
@@ -43,22 +43,17 @@ def check_run_config(cfg: Any, fcfg: FederatedConfig) -> None:
                           "weights, which a 4-bit (qlora) base cannot hold; use method: lora")
 
 
-def federation_run_dir(cfg: Any, fcfg: FederatedConfig) -> Path:
+def federation_run_dir(cfg: RunConfig, fcfg: FederatedConfig) -> Path:
     """``output.dir/output.name``; the name defaults to ``federated-<strategy>-<timestamp>``."""
     if not cfg.output.name:
-        cfg.output.name = f"federated-{fcfg.strategy.replace('_', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.output.name = default_run_name("federated", strategy=fcfg.strategy)
     run_dir = Path(cfg.output.dir).expanduser().resolve() / cfg.output.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir
 
 
-def registry_name(cfg: Any) -> str:
-    """Registry name: ``output.name`` without a trailing timestamp (repeated runs become versions)."""
-    return re.sub(r"-\d{8}-\d{6}$", "", cfg.output.name or "federated")[:64]
-
-
-def finalize(cfg: Any, fcfg: FederatedConfig, fed: Any, run_dir: Path, *, comparison: list[dict[str, Any]] | None,
+def finalize(cfg: RunConfig, fcfg: FederatedConfig, fed: Any, run_dir: Path, *, comparison: list[dict[str, Any]] | None,
              wall_s: float) -> FederationResult:
     """Exports the global adapter, registers it, writes ``rounds.jsonl``, ``curves.png``, ``summary.json``."""
     import json
@@ -91,7 +86,7 @@ def finalize(cfg: Any, fcfg: FederatedConfig, fed: Any, run_dir: Path, *, compar
         hp = {"lora": cfg.lora.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
               "federated": fcfg.model_dump(mode="json", exclude={"silos"})}
         version = AdapterRegistry(cfg.output.registry).register(
-            registry_name(cfg), adapter_dir, base_model=cfg.model.base, method="lora", hyperparameters=hp,
+            registry_name(cfg.output.name, "federated"), adapter_dir, base_model=cfg.model.base, method="lora", hyperparameters=hp,
             metrics=metrics, lineage=lineage)
         result.registry_ref = version.ref
     result.write(run_dir / "summary.json")

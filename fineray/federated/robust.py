@@ -9,16 +9,13 @@ delta whose global L2 norm exceeds a bound (a cheap guard against diverged or po
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
 from fineray.federated._lora import lora_pairs
 
-__all__ = ["Rejection", "screen_updates", "validate_update"]
-
-#: ``(silo, reason)``.
-Rejection = tuple[Hashable, str]
+__all__ = ["validate_update"]
 
 
 def _lora_roles(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -112,31 +109,3 @@ def validate_update(
         if norm > max_delta_norm:
             reasons.append(f"update delta norm {norm:.4g} exceeds bound {max_delta_norm:.4g}")
     return reasons
-
-
-def screen_updates(
-    updates: Mapping[Hashable, Mapping[str, torch.Tensor]] | Sequence[Mapping[str, torch.Tensor]],
-    global_adapter: Mapping[str, torch.Tensor],
-    *,
-    heterogeneous_rank: bool = False,
-    max_delta_norm: float | None = None,
-) -> list[Rejection]:
-    """Screens every silo's update; see :func:`validate_update`.
-
-    Args:
-        updates: ``{silo: adapter}``, or a list (silos are then the indices).
-        global_adapter: The round's starting global adapter.
-        heterogeneous_rank: Pass ``AggregationStrategy.heterogeneous_rank`` to tolerate rank differences.
-        max_delta_norm: Bound on each update delta's L2 norm, or None.
-
-    Returns:
-        ``[(silo, reason), ...]``, possibly several per silo; silos not listed are accepted.
-    """
-    items = updates.items() if isinstance(updates, Mapping) else enumerate(updates)
-    rejections: list[Rejection] = []
-    for silo, update in items:
-        for reason in validate_update(
-            update, global_adapter, allow_rank_change=heterogeneous_rank, max_delta_norm=max_delta_norm
-        ):
-            rejections.append((silo, reason))
-    return rejections

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fineray.federated import adapters as ad
+from fineray.federated import global_model as gm
 from fineray.federated._lora import flatten
 from fineray.federated.dp import clip_update
 from fineray.federated.robust import validate_update
@@ -55,7 +55,7 @@ class FedHooks:
         """Merges the residual, freezes ``A`` (FFA-LoRA) and registers the proximal gradient hooks."""
         if self.residual_path:
             tensors, _ = unpack_tensors(Path(self.residual_path).read_bytes())
-            ad.merge_residual(model, ad.residual_from_tensors(tensors))
+            gm.merge_residual(model, gm.residual_from_tensors(tensors))
         if self.freeze_lora_a:
             for name, p in model.named_parameters():
                 if ".lora_A." in name:
@@ -142,7 +142,7 @@ class SiloWorker:
         if threads:
             torch.set_num_threads(threads)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        ad.quiet_hf()
+        gm.quiet_hf()
         self.train_path, self.val_path = split_silo_data(data, validation, self.work_dir / "data",
                                                          self.run_cfg.train.seed)
         from fineray.train.data import read_records
@@ -194,7 +194,7 @@ class SiloWorker:
     def _train_round(self, task: dict[str, Any], global_t: dict[str, torch.Tensor], residual_blob: bytes | None,
                      rdir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Local training from ``global_t`` with the round's hooks: ``(final adapter tensors, metrics)``."""
-        adapter_dir = ad.write_adapter_dir(rdir / "global", global_t, task["adapter_config"])
+        adapter_dir = gm.write_adapter_dir(rdir / "global", global_t, task["adapter_config"])
         residual_path = None
         if residual_blob:
             residual_path = rdir / "residual.safetensors"
@@ -339,9 +339,9 @@ def evaluate_adapter(run_cfg: RunConfig, adapter_blob: bytes, residual_blob: byt
     config = meta.get("adapter_config")
     if not config:
         raise ValueError("adapter body lacks its adapter_config metadata")
-    folder = ad.write_adapter_dir(scratch / "adapter", tensors, config)
-    residual = ad.residual_from_tensors(unpack_tensors(residual_blob)[0]) if residual_blob else None
-    tok, model = ad.load_adapter_model(run_cfg, folder, residual)
+    folder = gm.write_adapter_dir(scratch / "adapter", tensors, config)
+    residual = gm.residual_from_tensors(unpack_tensors(residual_blob)[0]) if residual_blob else None
+    tok, model = gm.load_adapter_model(run_cfg, folder, residual)
     d = run_cfg.data
     examples = load_examples(data, d.format, d.on_error, d.system_prompt)[:max_examples]
     total, tokens = nll(model, tok, examples, d.max_seq_len, batch_size=run_cfg.train.batch_size * 2)

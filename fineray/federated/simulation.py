@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fineray.cluster.connect import init_ray
+from fineray.base.connect import init_ray, shutdown_ray
 from fineray.federated.config import FederatedConfig, SiloSpec, federated_config
 from fineray.federated.federation import Federation
 from fineray.federated.outputs import check_run_config, federation_run_dir, finalize
@@ -169,7 +169,7 @@ def _gather(refs: dict[Any, str], fed: Federation, silos: _Silos,
     for ref in ready:
         try:
             answer = ray.get(ref)
-        except Exception as e:  # noqa: BLE001 - a failing silo is reported or dropped, the federation goes on
+        except Exception as e:  # noqa: BLE001 - a failing silo is reported, the federation goes on
             log.warning("silo %s failed: %s", refs[ref], e)
             if failed is not None:
                 failed(refs[ref], e)
@@ -182,10 +182,10 @@ def _baselines(cfg: RunConfig, fcfg: FederatedConfig, fed: Federation, silos: _S
     """Local-only and centralised adapters trained on the same data, evaluated like the global one."""
     import ray
 
-    from fineray.federated import adapters as ad
+    from fineray.federated import global_model as gm
 
     names = [s.name for s in fcfg.silos]
-    tensors, config = ad.initial_adapter(cfg, fcfg.seed, fed.global_rank)
+    tensors, config = gm.initial_adapter(cfg, fcfg.seed, fed.global_rank)
     init_blob = pack_tensors(tensors, {"version": 0, "adapter_config": config})
     steps = (fcfg.local_steps or 0) * fcfg.rounds or None
     epochs = fcfg.local_epochs * fcfg.rounds if fcfg.local_epochs else None
@@ -249,6 +249,19 @@ def _export_meta(fed: Federation) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, {"adapter_config": config}
 
 
+def _check_silo_data(cfg: RunConfig, fcfg: FederatedConfig) -> None:
+    """Every silo's data readable and well-formed (file and line named) before Ray starts."""
+    from fineray.train.data import DataError
+    from fineray.train.launcher import check_run_data
+
+    for s in fcfg.silos:
+        silo_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": s.data})})
+        try:
+            check_run_data(silo_cfg, check_size=False)
+        except DataError as e:
+            raise DataError(f"federated.silos[{s.name}].data: {e}") from None
+
+
 def run_simulation(cfg: RunConfig, *, progress: bool = True, console: Any = None) -> FederationResult:
     """Simulates the federation of ``cfg.federated`` on Ray and writes the run folder.
 
@@ -268,13 +281,13 @@ def run_simulation(cfg: RunConfig, *, progress: bool = True, console: Any = None
         ConfigError: Invalid ``federated`` section or run config.
         FederationError: A silo cannot be placed on the cluster.
     """
-    import ray
 
     fcfg = federated_config(cfg)
     check_run_config(cfg, fcfg)
     missing = [s.name for s in fcfg.silos if not s.data]
     if missing:
         raise ConfigError(f"invalid config: federated.silos: {missing} have no 'data' (needed in simulation)")
+    _check_silo_data(cfg, fcfg)
     from fineray.train.model import resolve_base
 
     resolve_base(cfg.model.base)  # build/convert the cached base once, before the actors need it
@@ -316,5 +329,5 @@ def run_simulation(cfg: RunConfig, *, progress: bool = True, console: Any = None
     finally:
         silos.close()
         if started:
-            ray.shutdown()
+            shutdown_ray()
     return finalize(cfg, fcfg, fed, run_dir, comparison=comparison, wall_s=time.perf_counter() - t0)

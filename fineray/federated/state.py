@@ -11,7 +11,7 @@ Layout under the federation's state folder (``<run_dir>/federation``)::
     LATEST                            "round_000003"
 
 A round folder is written under a temporary name and renamed into place, then ``LATEST`` is replaced
-(:func:`fineray.cluster.storage.atomic_dir` and ``atomic_write_bytes``), so a coordinator killed at any
+(:func:`fineray.base.storage.atomic_dir` and ``atomic_write_bytes``), so a coordinator killed at any
 instant restarts from the last complete round. The two newest round folders are kept.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fineray.cluster import storage
-from fineray.federated.adapters import Residual, residual_from_tensors, residual_to_tensors
+from fineray.base import storage
+from fineray.federated.global_model import Residual, residual_from_tensors, residual_to_tensors
 from fineray.federated.strategies import AggregationStrategy
 
 __all__ = ["FederationSnapshot", "load_snapshot", "save_snapshot"]

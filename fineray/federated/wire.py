@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -92,19 +92,24 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | 
     return torch_save(plain, metadata={_META_KEY: json.dumps(dict(meta or {}))})
 
 
+def _load(blob: bytes, load: Callable[[bytes], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A body's tensors (by `load`: torch or numpy flavour) and metadata; WireError when too large or malformed."""
+    if len(blob) > MAX_BODY_BYTES:
+        raise WireError(f"body of {len(blob)} bytes exceeds {MAX_BODY_BYTES}")
+    meta = read_metadata(blob)
+    try:
+        return load(bytes(blob)), meta
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise WireError(f"not a safetensors body: {e}") from None
+
+
 def unpack_tensors(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Inverse of :func:`pack_tensors`: ``(tensors, metadata)``.
 
     Raises:
         WireError: For anything but a valid safetensors body of float tensors.
     """
-    if len(blob) > MAX_BODY_BYTES:
-        raise WireError(f"body of {len(blob)} bytes exceeds {MAX_BODY_BYTES}")
-    meta = read_metadata(blob)
-    try:
-        tensors = torch_load(bytes(blob))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise WireError(f"not a safetensors body: {e}") from None
+    tensors, meta = _load(blob, torch_load)
     bad = sorted(k for k, t in tensors.items() if not t.is_floating_point())
     if bad:
         raise WireError(f"non-float tensors in an adapter body: {bad}")
@@ -122,13 +127,7 @@ def unpack_array(blob: bytes, key: str = "masked") -> tuple[np.ndarray, dict[str
     Raises:
         WireError: If the body is malformed or lacks ``key``.
     """
-    if len(blob) > MAX_BODY_BYTES:
-        raise WireError(f"body of {len(blob)} bytes exceeds {MAX_BODY_BYTES}")
-    meta = read_metadata(blob)
-    try:
-        arrays = np_load(bytes(blob))
-    except Exception as e:  # noqa: BLE001
-        raise WireError(f"not a safetensors body: {e}") from None
+    arrays, meta = _load(blob, np_load)
     if set(arrays) != {key}:
         raise WireError(f"expected exactly one array {key!r}, got {sorted(arrays)}")
     return arrays[key], meta

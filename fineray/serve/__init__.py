@@ -10,7 +10,7 @@ Public API (heavy modules load lazily, so importing the config is cheap):
 
 from __future__ import annotations
 
-from fineray._lazy import lazy_exports
+from fineray.base.lazy import lazy_exports
 from fineray.serve.config import ServeConfig, load_serve_config
 
 __all__ = ["Engine", "ServeConfig", "build_app", "generate_offline", "load_serve_config", "run_server"]

@@ -12,7 +12,7 @@ The forward re-uses the Hugging Face model's own modules (embeddings, norms, pro
 tables, `apply_rotary_pos_emb` of the model's module), so it covers the architectures that share Llama's
 layer layout: Llama, Mistral (full attention), Qwen2 and Qwen3 (with q/k norms). `supports(model)` says
 whether a model qualifies; anything else is served by the dynamic-cache path. LoRA hooks on the linear
-layers (fineray.serve.adapters) apply unchanged, since the projections are called as modules.
+layers (fineray.serve.lora_stack) apply unchanged, since the projections are called as modules.
 """
 
 from __future__ import annotations

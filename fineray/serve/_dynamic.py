@@ -16,7 +16,7 @@ import torch
 
 from fineray.serve import kvcache
 from fineray.serve._batch import Row, StepReport
-from fineray.serve.adapters import LoraAdapters
+from fineray.serve.lora_stack import LoraAdapters
 from fineray.serve.sampling import sample_rows
 
 __all__ = ["DynamicBatch"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fineray.serve.adapters import BASE
+from fineray.serve.lora_stack import BASE
 from fineray.serve.sampling import SamplingParams
 
 __all__ = ["Completion", "EngineBase", "EngineError", "GenEvent", "GenRequest", "resolve_device"]

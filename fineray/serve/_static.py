@@ -26,7 +26,7 @@ import torch
 
 from fineray.serve._batch import Row, StepReport
 from fineray.serve._decoder import StaticDecoder
-from fineray.serve.adapters import BASE, LoraAdapters
+from fineray.serve.lora_stack import BASE, LoraAdapters
 from fineray.serve.sampling import needs_host, sample_on_device, sample_rows, seed_value
 
 __all__ = ["StaticBatch", "batch_buckets", "context_buckets", "pick_bucket"]

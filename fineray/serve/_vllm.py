@@ -26,7 +26,7 @@ import threading
 from typing import Any
 
 from fineray.serve._engine_base import EngineBase, GenEvent, GenRequest, _Adapter, resolve_device
-from fineray.serve.adapters import BASE, AdapterNotServable, read_lora
+from fineray.serve.lora_stack import BASE, AdapterNotServable, read_lora
 from fineray.serve.sampling import SamplingParams
 
 __all__ = ["VllmEngine", "vllm_available"]

@@ -9,17 +9,19 @@ handle with `multiplexed_model_id=<adapter ref>`, which routes to replicas that 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from fineray.serve.auth import KeyStore, Principal
 from fineray.serve.config import load_serve_config, serve_config_from_dict
+from fineray.serve.messages import ChoiceText, GenerationError, GenerationJob
 from fineray.serve.metrics import CONTENT_TYPE, EventBuffer, request_event
 from fineray.serve.protocol import (
     SSE_DONE,
@@ -43,6 +45,7 @@ __all__ = ["LOOPBACK", "ApiService", "refuse_remote"]
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+_Req = TypeVar("_Req", ChatCompletionRequest, CompletionRequest)
 
 
 def refuse_remote(keys_enabled: bool, insecure_no_auth: bool, client_host: str | None) -> bool:
@@ -69,6 +72,24 @@ class _Call:
         if t is not None and t.rollout:
             extra.update(rollout=t.rollout, variant=t.label)
         return request_event(t.name if t else "-", t.version if t else None, self.endpoint, status, **extra)
+
+
+def _endpoint(name: str) -> Callable[[Callable[..., Awaitable[Response]]], Callable[..., Awaitable[Response]]]:
+    """An endpoint method gets its metrics bookkeeping (`_Call(name)`) first; an `APIError` it raises becomes the
+    OpenAI error response (and a metrics event)."""
+
+    def wrap(fn: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        @functools.wraps(fn)
+        async def endpoint(self: ApiService, request: Request, *args: Any) -> Response:
+            call = _Call(name)
+            try:
+                return await fn(self, call, request, *args)
+            except APIError as e:
+                return self._error(call, e)
+
+        return endpoint
+
+    return wrap
 
 
 class ApiService:
@@ -173,6 +194,14 @@ class ApiService:
             raise APIError(400, f"We could not parse the JSON body of your request ({e}).",
                            code="invalid_json") from None
 
+    async def _parse(self, call: _Call, request: Request, cls: type[_Req]) -> tuple[Principal, _Req]:
+        """Authenticate, parse and validate the body as `cls`, and resolve `model` (the adapter version, or the
+        base, that answers this caller; rollouts included) into `call.target`."""
+        principal = self._principal(request)
+        req = parse_request(cls, await self._json(request))
+        call.target = await asyncio.to_thread(self.catalog.resolve, req.model, principal, self.cfg.rollouts, req.user)
+        return principal, req
+
     def _error(self, call: _Call, e: APIError) -> JSONResponse:
         self.buffer.add(call.event(e.status, e.code))
         return JSONResponse(e.body(), status_code=e.status)
@@ -199,110 +228,91 @@ class ApiService:
         call.prompt_tokens = sum(len(p) for p in prompts)  # OpenAI counts a prompt once, whatever n is
         return max_tokens if max_tokens is not None else min(default or lim.max_tokens, lim.max_tokens, room)
 
-    def _payload(self, req: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        return {"prompts": prompts, "n": req.n, "max_tokens": max_tokens, "sampling": req.sampling()}
+    @staticmethod
+    def _job(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], max_tokens: int) -> GenerationJob:
+        from fineray.serve.sampling import SamplingParams
+
+        return GenerationJob(prompts, req.n, SamplingParams.from_dict({**req.sampling(), "max_tokens": max_tokens}))
 
     # ------------------------------------------------------------------ endpoints
-    async def models(self, request: Request, model_id: str | None = None) -> Response:
-        call = _Call("models")
-        try:
-            principal = self._principal(request)
-            data = await asyncio.to_thread(self.catalog.list_models, principal, self.cfg.rollouts)
-            if model_id is None:
-                return JSONResponse({"object": "list", "data": data})
-            hit = next((m for m in data if m["id"] == model_id), None)
-            if hit is None:
-                raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found",
-                               param="model")
-            return JSONResponse(hit)
-        except APIError as e:
-            return self._error(call, e)
+    @_endpoint("models")
+    async def models(self, call: _Call, request: Request, model_id: str | None = None) -> Response:
+        principal = self._principal(request)
+        data = await asyncio.to_thread(self.catalog.list_models, principal, self.cfg.rollouts)
+        if model_id is None:
+            return JSONResponse({"object": "list", "data": data})
+        hit = next((m for m in data if m["id"] == model_id), None)
+        if hit is None:
+            raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found",
+                           param="model")
+        return JSONResponse(hit)
 
-    async def chat(self, request: Request) -> Response:
-        call = _Call("chat")
+    @_endpoint("chat")
+    async def chat(self, call: _Call, request: Request) -> Response:
+        principal, req = await self._parse(call, request, ChatCompletionRequest)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
         try:
-            principal = self._principal(request)
-            req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._json(request))
-            call.target = await asyncio.to_thread(self.catalog.resolve, req.model, principal, self.cfg.rollouts,
-                                                  req.user)
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in req.messages]
-            try:
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # noqa: BLE001 - jinja templates raise their own errors
-                raise APIError(400, f"Invalid 'messages': the chat template rejected them ({e}).",
-                               param="messages") from None
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            max_tokens = self._limits(call, [ids], req.max_tokens, req.n, None, "messages")
-            payload = self._payload(req, [ids], max_tokens)
-            if "response_format" in payload["sampling"] and self.cfg.engine != "vllm":
-                raise APIError(400, "Invalid 'response_format': structured output (json_object / json_schema) needs "
-                                    "the vLLM engine on this server (serve.engine: vllm).", param="response_format",
-                               code="unsupported_parameter")
-            call.log_input = (principal.key_id, messages, None)
-            if req.stream:
-                return await self._stream(call, req, payload, chat=True)
-            out = await self._generate(call, payload)
-            rid = new_id("chatcmpl")
-            await self._log(call, rid, out["choices"])
-            return JSONResponse(chat_response(rid, self._served(call), out["choices"],
-                                              usage(call.prompt_tokens, call.completion_tokens),
-                                              self.fingerprint))
-        except APIError as e:
-            return self._error(call, e)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja templates raise their own errors
+            raise APIError(400, f"Invalid 'messages': the chat template rejected them ({e}).",
+                           param="messages") from None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        max_tokens = self._limits(call, [ids], req.max_tokens, req.n, None, "messages")
+        job = self._job(req, [ids], max_tokens)
+        if job.params.response_format is not None and self.cfg.engine != "vllm":
+            raise APIError(400, "Invalid 'response_format': structured output (json_object / json_schema) needs "
+                                "the vLLM engine on this server (serve.engine: vllm).", param="response_format",
+                           code="unsupported_parameter")
+        call.log_input = (principal.key_id, messages, None)
+        return await self._answer(call, req, job, chat=True)
 
-    async def completions(self, request: Request) -> Response:
-        call = _Call("completions")
-        try:
-            principal = self._principal(request)
-            req: CompletionRequest = parse_request(CompletionRequest, await self._json(request))
-            call.target = await asyncio.to_thread(self.catalog.resolve, req.model, principal, self.cfg.rollouts,
-                                                  req.user)
-            prompts = []
-            for p in req.prompts():
-                if isinstance(p, str):
-                    prompts.append(self.tokenizer(p)["input_ids"])
-                else:
-                    if any(not 0 <= t < self.vocab for t in p):
-                        raise APIError(400, f"Invalid 'prompt': token ids must be in [0, {self.vocab}).",
-                                       param="prompt", code="invalid_value")
-                    prompts.append(list(p))
-            if any(not p for p in prompts):
-                raise APIError(400, "Invalid 'prompt': empty prompt.", param="prompt", code="invalid_value")
-            max_tokens = self._limits(call, prompts, req.max_tokens, req.n, 16, "prompt")
-            payload = self._payload(req, prompts, max_tokens)
-            if req.echo:
-                payload["echo"] = [self.tokenizer.decode(p) for p in prompts]
-            if self.reqlog is not None:
-                call.log_input = (principal.key_id, None, "\n".join(self.tokenizer.decode(p) for p in prompts))
-            if req.stream:
-                return await self._stream(call, req, payload, chat=False)
-            out = await self._generate(call, payload)
-            for c in out["choices"]:
-                if req.echo:
-                    c["text"] = payload["echo"][c["index"] // req.n] + c["text"]
-            rid = new_id("cmpl")
-            await self._log(call, rid, out["choices"])
-            return JSONResponse(completion_response(rid, self._served(call), out["choices"],
-                                                    usage(call.prompt_tokens, call.completion_tokens),
-                                                    self.fingerprint))
-        except APIError as e:
-            return self._error(call, e)
+    @_endpoint("completions")
+    async def completions(self, call: _Call, request: Request) -> Response:
+        principal, req = await self._parse(call, request, CompletionRequest)
+        prompts = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                prompts.append(self.tokenizer(p)["input_ids"])
+            else:
+                if any(not 0 <= t < self.vocab for t in p):
+                    raise APIError(400, f"Invalid 'prompt': token ids must be in [0, {self.vocab}).",
+                                   param="prompt", code="invalid_value")
+                prompts.append(list(p))
+        if any(not p for p in prompts):
+            raise APIError(400, "Invalid 'prompt': empty prompt.", param="prompt", code="invalid_value")
+        max_tokens = self._limits(call, prompts, req.max_tokens, req.n, 16, "prompt")
+        job = self._job(req, prompts, max_tokens)
+        echo = [self.tokenizer.decode(p) for p in prompts] if req.echo else None
+        if self.reqlog is not None:
+            call.log_input = (principal.key_id, None, "\n".join(self.tokenizer.decode(p) for p in prompts))
+        return await self._answer(call, req, job, chat=False, echo=echo)
 
-    async def feedback(self, request: Request) -> Response:
+    @_endpoint("feedback")
+    async def feedback(self, call: _Call, request: Request) -> Response:
         """`POST /v1/feedback {"id", "rating", "correction"?}` on a logged response (see `serve.requestlog`)."""
-        call = _Call("feedback")
-        try:
-            principal = self._principal(request)
-            if self.reqlog is None:
-                raise APIError(404, "Feedback needs the request log: start the server with --log-requests URI.",
-                               code="feedback_disabled")
-            body = await self._json(request)
-            out = await self.reqlog.feedback(body, principal.key_id)
-            self.buffer.add({"event": "feedback", **out})
-            return JSONResponse({"object": "feedback", "id": body["id"], "status": "recorded"})
-        except APIError as e:
-            return self._error(call, e)
+        principal = self._principal(request)
+        if self.reqlog is None:
+            raise APIError(404, "Feedback needs the request log: start the server with --log-requests URI.",
+                           code="feedback_disabled")
+        body = await self._json(request)
+        out = await self.reqlog.feedback(body, principal.key_id)
+        self.buffer.add({"event": "feedback", **out})
+        return JSONResponse({"object": "feedback", "id": body["id"], "status": "recorded"})
+
+    async def _answer(self, call: _Call, req: ChatCompletionRequest | CompletionRequest, job: GenerationJob, *,
+                      chat: bool, echo: list[str] | None = None) -> Response:
+        """Generate and answer: an SSE stream, or one chat.completion / text_completion object (logged)."""
+        if req.stream:
+            return await self._stream(call, req, job, chat=chat, echo=echo)
+        choices = [c.as_dict() for c in await self._generate(call, job)]
+        for c in choices if echo else []:
+            c["text"] = echo[c["index"] // req.n] + c["text"]
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        await self._log(call, rid, choices)
+        build = chat_response if chat else completion_response
+        return JSONResponse(build(rid, self._served(call), choices, usage(call.prompt_tokens, call.completion_tokens),
+                                  self.fingerprint))
 
     async def _log(self, call: _Call, rid: str, choices: list[dict[str, Any]]) -> None:
         if self.reqlog is not None and call.log_input is not None:
@@ -334,32 +344,34 @@ class ApiService:
         assert call.target is not None
         return self.model.options(multiplexed_model_id=call.target.model_id, stream=stream)
 
-    async def _generate(self, call: _Call, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _generate(self, call: _Call, job: GenerationJob) -> list[ChoiceText]:
         try:
-            out = await self._handle(call, False).generate.remote(payload)
-        except Exception as e:  # noqa: BLE001 - Ray/Serve errors: overload, replica death
+            out = await self._handle(call, False).generate.remote(job)
+        except Exception as e:  # noqa: BLE001
             raise _serve_error(e) from None
-        if "error" in out:
-            raise APIError(**out["error"])
-        call.completion_tokens = sum(c.pop("tokens") for c in out["choices"])
+        if isinstance(out, GenerationError):
+            raise out.api_error()
+        call.completion_tokens = sum(c.tokens for c in out)
         self.buffer.add(call.event(200))
         return out
 
-    async def _stream(self, call: _Call, req: Any, payload: dict[str, Any], chat: bool) -> Response:
-        gen = self._handle(call, True).stream.remote(payload)
+    async def _stream(self, call: _Call, req: Any, job: GenerationJob, chat: bool,
+                      echo: list[str] | None = None) -> Response:
+        gen = self._handle(call, True).stream.remote(job)
         try:  # the first item says whether the request was admitted, so errors keep their status code
             first = await gen.__anext__()
         except Exception as e:  # noqa: BLE001
             raise _serve_error(e) from None
-        if first and "error" in first[0]:
-            raise APIError(**first[0]["error"])
-        return StreamingResponse(self._sse(call, req, payload, gen, chat), media_type="text/event-stream",
+        if isinstance(first, GenerationError):
+            raise first.api_error()
+        return StreamingResponse(self._sse(call, req, job, gen, chat, echo), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, call: _Call, req: Any, payload: dict[str, Any], gen: Any, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, call: _Call, req: Any, job: GenerationJob, gen: Any, chat: bool,
+                   echo: list[str] | None) -> AsyncIterator[str]:
         assert call.target is not None
         rid, created, model = new_id("chatcmpl" if chat else "cmpl"), int(time.time()), self._served(call)
-        choices = len(payload["prompts"]) * req.n
+        choices = job.choices
         status, code = 200, None
         texts: dict[int, list[str]] = {i: [] for i in range(choices)}  # for the request log
         finish: dict[int, str] = {}
@@ -368,30 +380,30 @@ class ApiService:
                 if chat:
                     yield sse(chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""},
                                          fingerprint=self.fingerprint))
-                elif payload.get("echo"):
-                    yield sse(completion_chunk(rid, created, model, i, payload["echo"][i // req.n],
+                elif echo:
+                    yield sse(completion_chunk(rid, created, model, i, echo[i // req.n],
                                                fingerprint=self.fingerprint))
             async for items in gen:
+                if isinstance(items, GenerationError):
+                    status, code = items.status, items.code
+                    yield sse(items.api_error().body())
+                    yield SSE_DONE
+                    return
                 for it in items:
-                    if "error" in it:
-                        status, code = it["error"]["status"], it["error"].get("code")
-                        yield sse(APIError(**it["error"]).body())
-                        yield SSE_DONE
-                        return
-                    if it["text"]:
-                        texts[it["index"]].append(it["text"])
+                    if it.text:
+                        texts[it.index].append(it.text)
                         if call.ttft is None:
                             call.ttft = time.perf_counter() - call.t0
-                        yield sse(chat_chunk(rid, created, model, it["index"], {"content": it["text"]},
+                        yield sse(chat_chunk(rid, created, model, it.index, {"content": it.text},
                                              fingerprint=self.fingerprint) if chat else
-                                  completion_chunk(rid, created, model, it["index"], it["text"],
+                                  completion_chunk(rid, created, model, it.index, it.text,
                                                    fingerprint=self.fingerprint))
-                    if it["finish_reason"]:
-                        finish[it["index"]] = it["finish_reason"]
-                        call.completion_tokens += it["tokens"]
-                        yield sse(chat_chunk(rid, created, model, it["index"], {}, it["finish_reason"],
+                    if it.finish_reason:
+                        finish[it.index] = it.finish_reason
+                        call.completion_tokens += it.tokens
+                        yield sse(chat_chunk(rid, created, model, it.index, {}, it.finish_reason,
                                              fingerprint=self.fingerprint) if chat else
-                                  completion_chunk(rid, created, model, it["index"], "", it["finish_reason"],
+                                  completion_chunk(rid, created, model, it.index, "", it.finish_reason,
                                                    fingerprint=self.fingerprint))
             if req.stream_options is not None and req.stream_options.include_usage:
                 chunk = (chat_chunk if chat else completion_chunk)(rid, created, model, 0, {} if chat else "")
@@ -403,7 +415,7 @@ class ApiService:
         except asyncio.CancelledError:
             status, code = 499, "client_closed_request"  # nginx's code for a client that went away
             raise
-        except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
+        except Exception as e:  # noqa: BLE001
             err = _serve_error(e)
             status, code = err.status, err.code
             yield sse(err.body())

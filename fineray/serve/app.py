@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from fineray.serve.config import ServeConfig, load_serve_config, resolve_engine, serve_config_from_dict
+from fineray.serve.messages import ChoiceText, GenerationError, GenerationJob
 from fineray.serve.metrics import EventBuffer, ServeMetrics
 from fineray.serve.protocol import error_body
 
@@ -107,10 +109,6 @@ def _restore(token: Any) -> None:
         sctx._serve_request_context.reset(token)
 
 
-def _err(status: int, message: str, code: str, type: str = "server_error", param: str | None = None) -> dict:
-    return {"status": status, "message": message, "type": type, "code": code, "param": param}
-
-
 @serve.deployment(name=MODEL_DEPLOYMENT)
 class ModelServer:
     """One base model per replica; adapters loaded on demand (LRU) and batched together."""
@@ -174,10 +172,9 @@ class ModelServer:
                 except Exception:
                     log.warning("metrics hub unreachable", exc_info=True)
 
-    async def _start(self, payload: dict[str, Any], queue: asyncio.Queue) -> tuple[list[Any], dict | None]:
+    async def _start(self, job: GenerationJob, queue: asyncio.Queue) -> tuple[list[Any], GenerationError | None]:
         """Load the adapter, queue one engine request per choice; return (requests, error)."""
         from fineray.serve.engine import BASE, AdapterNotServable, GenRequest
-        from fineray.serve.sampling import SamplingParams
         from fineray.train.registry import RegistryError
 
         if self._flusher is None or self._flusher.done():
@@ -189,18 +186,18 @@ class ModelServer:
                 await self.get_adapter(model_id)
                 self.engine.acquire(key)  # pinned until admitted, so an eviction cannot slip in between
         except RegistryError as e:
-            return [], _err(404, str(e), "model_not_found", "invalid_request_error", "model")
+            return [], GenerationError(404, str(e), "model_not_found", "invalid_request_error", "model")
         except AdapterNotServable as e:
-            return [], _err(400, str(e), "adapter_not_servable", "invalid_request_error", "model")
+            return [], GenerationError(400, str(e), "adapter_not_servable", "invalid_request_error", "model")
         except Exception as e:
             log.exception("adapter %s failed to load", model_id)
-            return [], _err(500, f"adapter `{model_id}` could not be loaded: {e}", "adapter_load_failed")
+            return [], GenerationError(500, f"adapter `{model_id}` could not be loaded: {e}", "adapter_load_failed")
         loop = asyncio.get_running_loop()
         reqs = []
         try:
-            base = SamplingParams.from_dict({**payload["sampling"], "max_tokens": payload["max_tokens"]})
-            for prompt in payload["prompts"]:
-                for j in range(payload["n"]):
+            base = job.params
+            for prompt in job.prompts:
+                for j in range(job.n):
                     params = dataclasses.replace(base, seed=None if base.seed is None else base.seed + j)
                     idx = len(reqs)
                     reqs.append(GenRequest(prompt, params, lambda ev, i=idx: loop.call_soon_threadsafe(
@@ -214,7 +211,7 @@ class ModelServer:
             if model_id:
                 self.engine.release(key)
         if error:
-            return [], _err(503, f"the model replica cannot take the request: {error}", "unavailable")
+            return [], GenerationError(503, f"the model replica cannot take the request: {error}", "unavailable")
         return reqs, None
 
     def _cancel(self, reqs: list[Any], finished: set[int]) -> None:
@@ -222,48 +219,53 @@ class ModelServer:
             if i not in finished:
                 self.engine.cancel(r.request_id)
 
-    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _failed(error: str) -> GenerationError:
+        return GenerationError(500, f"generation failed: {error}", "generation_failed")
+
+    async def generate(self, job: GenerationJob) -> list[ChoiceText] | GenerationError:
         """Non-streaming generation: every choice's text, finish reason and completion tokens."""
         queue: asyncio.Queue = asyncio.Queue()
-        reqs, error = await self._start(payload, queue)
+        reqs, error = await self._start(job, queue)
         if error:
-            return {"error": error}
+            return error
         texts: dict[int, list[str]] = defaultdict(list)
         done: dict[int, Any] = {}
         try:
             while len(done) < len(reqs):
                 i, ev = await queue.get()
                 if ev.error:
-                    return {"error": _err(500, f"generation failed: {ev.error}", "generation_failed")}
+                    return self._failed(ev.error)
                 texts[i].append(ev.text)
                 if ev.finish_reason:
                     done[i] = ev
         finally:
             self._cancel(reqs, set(done))
-        return {"choices": [{"index": i, "text": "".join(texts[i]), "finish_reason": done[i].finish_reason,
-                             "tokens": done[i].tokens} for i in range(len(reqs))]}
+        return [ChoiceText(i, "".join(texts[i]), done[i].finish_reason, done[i].tokens) for i in range(len(reqs))]
 
-    async def stream(self, payload: dict[str, Any]):
-        """Streaming generation: first `[]` once admitted (or `[{error}]`), then lists of text deltas."""
+    async def stream(self, job: GenerationJob) -> AsyncIterator[list[ChoiceText] | GenerationError]:
+        """Streaming generation: first `[]` once admitted (or the error), then lists of text pieces; a failure
+        during generation ends the stream with its error."""
         queue: asyncio.Queue = asyncio.Queue()
-        reqs, error = await self._start(payload, queue)
+        reqs, error = await self._start(job, queue)
         if error:
-            yield [{"error": error}]
+            yield error
             return
         yield []
         done: set[int] = set()
         try:
             while len(done) < len(reqs):
                 items = [await queue.get()]
-                while not queue.empty():  # coalesce what arrived meanwhile into one chunk list
+                while not queue.empty():  # coalesce what arrived meanwhile into one list
                     items.append(queue.get_nowait())
                 out = []
                 for i, ev in items:
                     if ev.error:
-                        out.append({"error": _err(500, f"generation failed: {ev.error}", "generation_failed")})
-                        yield out
+                        if out:
+                            yield out
+                        yield self._failed(ev.error)
                         return
-                    out.append({"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "tokens": ev.tokens})
+                    out.append(ChoiceText(i, ev.text, ev.finish_reason, ev.tokens))
                     if ev.finish_reason:
                         done.add(i)
                 yield out
@@ -376,7 +378,7 @@ def build_application(cfg: ServeConfig) -> Any:
     model = ModelServer.options(**model_opts).bind(cfg_dict, hub)
     extra = []
     if cfg.log_requests:  # opt-in request log + feedback (fineray.serve.requestlog)
-        from fineray.cluster.storage import is_remote
+        from fineray.base.storage import is_remote
         from fineray.serve.requestlog import RequestLog
 
         uri = cfg.log_requests if is_remote(cfg.log_requests) else str(Path(cfg.log_requests).expanduser().resolve())

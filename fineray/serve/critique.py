@@ -86,7 +86,7 @@ class CritiqueGenerator(BatchGenerator):
         elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
             msgs = [{"role": "user", "content": rec["prompt"]}]
         else:
-            raise ValueError("a record needs `messages` (list) or `prompt` (string)")  # noqa: TRY004
+            raise ValueError("a record needs `messages` (list) or `prompt` (string)")
         if self.c.system_prompt and msgs[0].get("role") != "system":
             msgs.insert(0, {"role": "system", "content": self.c.system_prompt})
         return msgs

@@ -1,6 +1,6 @@
 """The generation engine: one base model, LoRA adapters by name, and a batched decode loop in one thread.
 
-Rows of a batch may use different adapters (see `fineray.serve.adapters`). With continuous (iteration-level)
+Rows of a batch may use different adapters (see `fineray.serve.lora_stack`). With continuous (iteration-level)
 batching, new requests join the running batch between decode steps. Two batch kinds run the model
 (`fineray.serve._batch`): on a GPU, Llama-family models use fixed KV slots with decode steps replayed as
 CUDA graphs (`fineray.serve._static`); other models, and the CPU by default, use a growing transformers
@@ -34,7 +34,7 @@ from fineray.serve._engine_base import (
     _Adapter,
     resolve_device,
 )
-from fineray.serve.adapters import BASE, AdapterError, AdapterNotServable, LoraAdapters
+from fineray.serve.lora_stack import BASE, AdapterError, AdapterNotServable, LoraAdapters
 from fineray.serve.sampling import RowSampler, TextTracker
 
 __all__ = [

@@ -158,7 +158,7 @@ def map_lines(lines: list[str], cls: type, kwargs: dict[str, Any], *, num_worker
     device and max_batch_size."""
     import ray
 
-    from fineray.cluster.connect import init_ray
+    from fineray.base.connect import init_ray, shutdown_ray
 
     # Workers hold their CPUs for the whole run; one more CPU keeps Ray Data's own tasks schedulable.
     started = init_ray(address, num_cpus or num_workers * (0 if use_gpu else threads_per_worker) + 1)
@@ -178,4 +178,4 @@ def map_lines(lines: list[str], cls: type, kwargs: dict[str, Any], *, num_worker
             yield json.loads(row["text"])
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()

@@ -33,7 +33,7 @@ def read_table(uri: str, table: str, columns: list[str] | None = None) -> list[d
     """Every row of a log table (`requests` or `feedback`) under `uri`, oldest part first."""
     import pyarrow.parquet as pq
 
-    from fineray.cluster import storage
+    from fineray.base import storage
 
     fs, path = storage.open_fs(uri)
     rows: list[dict[str, Any]] = []
@@ -49,7 +49,7 @@ def _write_part(uri: str, table: str, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fineray.cluster import storage
+    from fineray.base import storage
 
     fs, path = storage.open_fs(uri)
     sink = pa.BufferOutputStream()
@@ -147,7 +147,7 @@ class RequestLog:
             if part:
                 try:
                     _write_part(self.uri, table, part)
-                except Exception:  # noqa: BLE001 - shutting down: nothing else to do
+                except Exception:  # shutting down: nothing else to do
                     log.debug("request log part lost at shutdown", exc_info=True)
 
 
@@ -163,7 +163,9 @@ class LogClient:
         from fineray.train.pii import redact
 
         t = call.target
-        red = lambda s: None if s is None else redact(s)[0]
+        def red(s: str | None) -> str | None:
+            return None if s is None else redact(s)[0]
+
         texts = [red(c.get("text", "")) for c in sorted(choices, key=lambda c: c["index"])]
         row = {
             "id": rid, "created": time.time(), "endpoint": call.endpoint, "key_id": key_id,

@@ -21,7 +21,7 @@ __all__ = ["ScoreBatches", "score_offline"]
 
 def _conversation(rec: Any) -> list[dict[str, str]]:
     if not isinstance(rec, dict):
-        raise ValueError("each line must be a JSON object")  # noqa: TRY004 - a bad record, reported per line
+        raise ValueError("each line must be a JSON object")  # a bad record, reported per line
     if isinstance(rec.get("messages"), list):
         return rec["messages"]
     prompt, response = rec.get("prompt"), rec.get("response")

@@ -51,15 +51,16 @@ class ServerHandle:
         if self._stopped:
             return
         self._stopped = True
-        import ray
         from ray import serve
+
+        from fineray.base.connect import shutdown_ray
 
         try:
             _flush_request_log()
             serve.shutdown()
         finally:
             if self.started_ray:
-                ray.shutdown()
+                shutdown_ray()
 
     def __enter__(self) -> Self:
         return self
@@ -84,7 +85,7 @@ def run_server(cfg: ServeConfig, *, blocking: bool = True, ready_timeout_s: floa
     """
     from ray import serve
 
-    from fineray.cluster.connect import init_ray
+    from fineray.base.connect import init_ray
     from fineray.serve.app import APP_NAME, build_application
     from fineray.serve.auth import KeyStore
 

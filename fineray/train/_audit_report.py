@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def _plot(name: str, split: dict[str, Any], max_seq_len: int, out: Path) -> Path
 
     edges, counts = tok["edges"], tok["counts"]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge",
+    ax.bar(edges[:-1], counts, width=[b - a for a, b in itertools.pairwise(edges)], align="edge",
            color="#4C72B0", edgecolor="white")
     ax.axvline(max_seq_len, color="#C44E52", linestyle="--", label=f"max_seq_len={max_seq_len}")
     ax.set_xlabel("tokens per example (chat template included)")

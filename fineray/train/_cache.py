@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from fineray.cluster.storage import atomic_dir
+from fineray.base.storage import atomic_dir
 
-__all__ = ["cache_dir", "build_once"]
+__all__ = ["build_once", "cache_dir"]
 
 
 def cache_dir() -> Path:

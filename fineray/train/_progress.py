@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["ProgressBoard", "watch_progress"]
 
@@ -30,12 +30,12 @@ def _actor_cls() -> Any:
     return ProgressBoard
 
 
-def ProgressBoard() -> Any:  # noqa: N802 - reads like the class it creates
+def ProgressBoard() -> Any:  # reads like the class it creates
     """Create the progress actor (call inside an initialised Ray)."""
     return _actor_cls().remote()
 
 
-class watch_progress:  # noqa: N801 - used as a context manager
+class watch_progress:  # used as a context manager
     """Render a rich progress bar (step, loss, tokens/s, ETA) from the board while the body runs."""
 
     def __init__(self, board: Any, total_steps: int | None, enabled: bool = True, label: str = "train"):
@@ -67,13 +67,13 @@ class watch_progress:  # noqa: N801 - used as a context manager
                     bar.update(task, completed=row.get("step", 0), info=info)
                 time.sleep(0.5)
 
-    def __enter__(self) -> "watch_progress":
+    def __enter__(self) -> Self:
         if self.enabled:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self.enabled:
             self._thread.join(timeout=15)

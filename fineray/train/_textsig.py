@@ -14,7 +14,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-__all__ = ["normalise", "exact_key", "NearDupIndex", "LeakIndex"]
+__all__ = ["LeakIndex", "NearDupIndex", "exact_key", "normalise"]
 
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 _PRIME = np.uint64((1 << 61) - 1)

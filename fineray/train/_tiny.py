@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fineray.train._cache import build_once, cache_dir
 
-__all__ = ["tiny_model_dir", "TINY_SHAPES"]
+__all__ = ["TINY_SHAPES", "tiny_model_dir"]
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "

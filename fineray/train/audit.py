@@ -26,8 +26,17 @@ from fineray.train.config import RunConfig
 from fineray.train.data import DataError, Example, iter_records, to_example
 from fineray.train.pii import PII_KINDS, find_pii
 
-__all__ = ["AuditSettings", "Source", "TokenLengths", "audit", "audit_run", "run_splits", "quick_check", "record_texts",
-           "problems"]
+__all__ = [
+    "AuditSettings",
+    "Source",
+    "TokenLengths",
+    "audit",
+    "audit_run",
+    "problems",
+    "quick_check",
+    "record_texts",
+    "run_splits",
+]
 
 _BINS = 40  # token-length histogram bins
 
@@ -212,7 +221,7 @@ def audit(splits: dict[str, list[Source]], settings: AuditSettings | None = None
                 _check_response(name, where, ex, response, s, findings, st.examples)
                 if st.pii:
                     kinds = Counter()
-                    for f in find_pii("\n".join((system, prompt, response))):
+                    for f in find_pii(f"{system}\n{prompt}\n{response}"):
                         kinds[f.kind] += 1
                         _keep(findings, f"pii_{f.kind}", st.examples, {"split": name, "where": where,
                                                                        "value": _mask(f.value)})

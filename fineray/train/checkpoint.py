@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from fineray.cluster.storage import atomic_dir
+from fineray.base.storage import atomic_dir
 
-__all__ = ["LoopState", "save_checkpoint", "load_checkpoint", "unwrap", "save_weights", "write_jsonl"]
+__all__ = ["LoopState", "load_checkpoint", "read_loop_state", "save_checkpoint", "save_weights", "unwrap",
+           "write_jsonl", "write_loop_state"]
 
 
 @dataclass
@@ -61,15 +62,33 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def write_loop_state(target: Path, scheduler: Any, state: LoopState, **extra: Any) -> None:
+    """`trainer_state.pt` (scheduler, loop state and `extra`, e.g. the optimizer's state) and `metrics.jsonl`."""
+    torch.save({"scheduler": scheduler.state_dict(), **extra,
+                "state": {k: v for k, v in asdict(state).items() if k != "history"}}, target / "trainer_state.pt")
+    write_jsonl(target / "metrics.jsonl", state.history)
+
+
+def read_loop_state(ckpt: Path, scheduler: Any | None, optimizer: torch.optim.Optimizer | None = None) -> LoopState:
+    """Inverse of `write_loop_state`: restores the scheduler (and optimizer) in place, returns the loop state."""
+    blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    state = LoopState(**blob["state"])
+    hist = ckpt / "metrics.jsonl"
+    if hist.exists():
+        state.history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
+    return state
+
+
 def save_checkpoint(out: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: LoopState, base_name: str | None = None) -> Path:
     """Write a complete checkpoint to `out` atomically (temp folder + rename)."""
     with atomic_dir(out) as tmp:
         save_weights(model, tmp, base_name)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "state": {k: v for k, v in asdict(state).items() if k != "history"}},
-                   tmp / "trainer_state.pt")
-        write_jsonl(tmp / "metrics.jsonl", state.history)
+        write_loop_state(tmp, scheduler, state, optimizer=optimizer.state_dict())
     return Path(out)
 
 
@@ -93,13 +112,4 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module, optimizer: 
         load_sharded_checkpoint(m, str(ckpt / "model"), strict=False) if not (
             ckpt / "model" / "model.safetensors").exists() else m.load_state_dict(
             load_file(ckpt / "model" / "model.safetensors"), strict=False)
-    blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(blob["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(blob["scheduler"])
-    state = LoopState(**blob["state"])
-    hist = ckpt / "metrics.jsonl"
-    if hist.exists():
-        state.history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
-    return state
+    return read_loop_state(ckpt, scheduler, optimizer)

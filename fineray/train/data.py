@@ -8,26 +8,27 @@ live in `templates.py`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fineray.train.config import DataConfig, DatasetSpec
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "DataError",
     "Example",
-    "BUILTIN_DATASETS",
-    "read_records",
-    "iter_records",
     "detect_format",
-    "to_example",
+    "iter_records",
     "load_examples",
     "load_train_val",
+    "read_records",
+    "to_example",
 ]
 
 FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference", "prompt")
@@ -114,8 +115,13 @@ def iter_records(path: str, batch_rows: int = 8192) -> Iterator[tuple[dict[str, 
         raise DataError(f"{p} is a directory; give a .jsonl, .json, .csv or .parquet file")
     suffix = p.suffix.lower() if p.is_file() else ".parquet"
     if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with p.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:  # line by line: a line that is not UTF-8 is named (or skipped) like one that is not JSON
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield {"__error__": _not_utf8(e)}, f"{p}:{n}"
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -126,7 +132,7 @@ def iter_records(path: str, batch_rows: int = 8192) -> Iterator[tuple[dict[str, 
                 yield rec, f"{p}:{n}"
     elif suffix == ".json":
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(p))
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -135,9 +141,10 @@ def iter_records(path: str, batch_rows: int = 8192) -> Iterator[tuple[dict[str, 
             raise DataError(f"{p}: a .json data file must hold a list of records")
         yield from ((rec, f"{p}[{i}]") for i, rec in enumerate(data))
     elif suffix == ".csv":
-        with p.open(encoding="utf-8", newline="") as f:
-            # Line numbers count the header as line 1, as a spreadsheet shows them.
-            yield from ((dict(row), f"{p}:{i + 2}") for i, row in enumerate(csv.DictReader(f)))
+        text = _read_text(p)  # decoded whole: a quoted CSV field may span lines
+        # Line numbers count the header as line 1, as a spreadsheet shows them.
+        yield from ((dict(row), f"{p}:{i + 2}")
+                    for i, row in enumerate(csv.DictReader(io.StringIO(text, newline=""))))
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -149,6 +156,22 @@ def iter_records(path: str, batch_rows: int = 8192) -> Iterator[tuple[dict[str, 
                     i += 1
     else:
         raise DataError(f"{p}: unsupported data file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+
+
+def _not_utf8(e: UnicodeDecodeError, line_start: int = 0) -> str:
+    byte = e.object[e.start:e.start + 1].hex()
+    return (f"not UTF-8 text (byte 0x{byte} at column {e.start - line_start + 1}); save the file as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`)")
+
+
+def _read_text(p: Path) -> str:
+    """A whole file as UTF-8 text (a leading byte-order mark is dropped); DataError naming the line if not."""
+    data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, line_start = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{p}:{line}: {_not_utf8(e, line_start)}") from None
 
 
 def _read_hub(name: str) -> list[tuple[dict[str, Any], str]]:
@@ -333,8 +356,3 @@ def load_train_val(cfg: DataConfig, seed: int = 42,
         val, train = [], _mix(per_source, rng)
     stats["train_records"], stats["val_records"] = len(train), len(val)
     return train, val
-
-
-def iter_sources(examples: Iterable[Example]) -> list[str]:
-    """Sorted distinct source files of examples (for dataset fingerprints)."""
-    return sorted({e.source.rsplit(":", 1)[0].split("[")[0] for e in examples})

@@ -26,11 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fineray.cluster import storage
+from fineray.base import storage
+from fineray.train.config import RunConfig
 from fineray.train.registry import AdapterRegistry, AdapterVersion, RegistryError, sha256_file, validate_name
 
-__all__ = ["DATASETS_DIR", "PART_ROWS", "DatasetRef", "DatasetRegistry", "PartWriter", "parse_dataset_ref",
-           "resolve_dataset", "pin_dataset_refs", "publish_dataset", "audit_summary", "default_registry"]
+__all__ = [
+    "DATASETS_DIR",
+    "PART_ROWS",
+    "DatasetRef",
+    "DatasetRegistry",
+    "PartWriter",
+    "audit_summary",
+    "default_registry",
+    "parse_dataset_ref",
+    "pin_dataset_refs",
+    "publish_dataset",
+    "resolve_dataset",
+]
 
 DATASETS_DIR = "_datasets"  # not a valid adapter name, so adapter listings never show it
 PART_ROWS = 100_000
@@ -108,7 +120,7 @@ def resolve_dataset(ref: str) -> Path:
     return reg.local_path(version.ref) / r.split
 
 
-def pin_dataset_refs(cfg: Any) -> list[str]:
+def pin_dataset_refs(cfg: RunConfig) -> list[str]:
     """Qualify and pin every `dataset:` reference of a run config in place (registry: `output.registry`,
     version: the latest when none is given), so every worker reads the same version; returns `name@vN`
     of each for the adapter's lineage."""

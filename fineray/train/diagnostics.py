@@ -12,6 +12,7 @@ Preference runs (rows with `val_reward_margin`) are also checked for
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from typing import Any
 
@@ -46,7 +47,7 @@ def diagnose(history: list[dict[str, Any]]) -> list[dict[str, str]]:
         # Step-to-step noise of the second half (after the initial descent), against the loss level there;
         # noise below 5% of the starting loss is a converged run's jitter, not a problem to report.
         tail = train[len(train) // 2:]
-        jumps = [abs(b - a) for a, b in zip(tail, tail[1:])]
+        jumps = [abs(b - a) for a, b in itertools.pairwise(tail)]
         level, noise = statistics.fmean(tail), statistics.fmean(jumps)
         if level > 0 and noise > 0.25 * level and noise > 0.05 * abs(train[0]):
             findings.append({"kind": "erratic", "message":

@@ -17,7 +17,7 @@ from fineray.train.data import Example, load_examples
 from fineray.train.metrics import compute_metrics, perplexity
 from fineray.train.templates import prompt_text, tokenize_all
 
-__all__ = ["generate", "nll", "evaluate_examples", "evaluate_run", "load_eval_examples"]
+__all__ = ["evaluate_examples", "evaluate_run", "generate", "load_eval_examples", "nll"]
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fineray.cluster.storage import atomic_dir
+from fineray.base.storage import atomic_dir
 
 __all__ = ["merge_adapter"]
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fineray.train.batches import collate
+from fineray.train.config import RunConfig
 from fineray.train.fused_loss import LossHead
 from fineray.train.packing import (
     PACKED_ATTENTION,
@@ -64,11 +65,11 @@ def _auto(value: Any, default: bool) -> bool:
     return default if value == "auto" else bool(value)
 
 
-def resolve_fast(cfg: Any, use_gpu: bool, dtype: torch.dtype | None = None) -> FastPath:
+def resolve_fast(cfg: RunConfig, use_gpu: bool, dtype: torch.dtype | None = None) -> FastPath:
     """Turn the `auto` switches into on/off for this device (and weight dtype)."""
     f = cfg.train.fast
     # A reward model reads its score at each row's last token of a left-padded batch: never packed.
-    packing = _auto(cfg.data.packing, use_gpu) and getattr(cfg, "objective", "sft") != "reward"
+    packing = _auto(cfg.data.packing, use_gpu) and cfg.objective != "reward"
     attention = None
     if packing:
         attention = f.packing_attention

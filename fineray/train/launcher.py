@@ -25,14 +25,25 @@ from typing import Any
 
 import yaml
 
-from fineray.cluster import storage
-from fineray.cluster.connect import ray_cluster
+from fineray.base import storage
+from fineray.base.connect import ray_cluster
+from fineray.base.runs import default_run_name, registry_name
 from fineray.train.config import RunConfig
 from fineray.train.diagnostics import diagnose
 from fineray.train.registry import AdapterRegistry
 
-__all__ = ["TrainingError", "run_train", "make_trainer", "resolve_adapter", "dataset_fingerprint",
-           "write_run_outputs", "run_dir_for", "plot_curves"]
+__all__ = [
+    "TrainingError",
+    "check_run_data",
+    "dataset_fingerprint",
+    "make_trainer",
+    "plot_curves",
+    "resolve_adapter",
+    "root_cause",
+    "run_dir_for",
+    "run_train",
+    "write_run_outputs",
+]
 
 
 class TrainingError(RuntimeError):
@@ -46,8 +57,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
     `output.dir/output.name` at the end; Ray Train checkpoints go to the remote storage directly.
     """
     if not cfg.output.name:
-        base = cfg.model.base.split(":")[-1].split("/")[-1]
-        cfg.output.name = f"{base}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.output.name = default_run_name("train", model=cfg.model.base, method=cfg.method)
     if storage.is_remote(cfg.output.dir):
         from fineray.train._cache import cache_dir
 
@@ -199,24 +209,19 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
     from fineray.train.datasets import pin_dataset_refs
 
     datasets = pin_dataset_refs(cfg)  # `dataset:` refs -> one registry and version for every worker
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    adapter_path = resolve_adapter(cfg)
-    from fineray.train.data import load_train_val
-    from fineray.train.model import resolve_base
-
-    train_ex, _ = load_train_val(cfg.data, cfg.train.seed)  # fail fast on bad data (file and line named)
-    if cfg.objective != "sft":
-        from fineray.train.pairs import check_pairs
-
-        check_pairs(train_ex, cfg.objective)
-    data_check = _check_data(cfg) if check_data else None
+    check_run_data(cfg)  # before anything is written or started: the file and line of bad data named
     from fineray.train.preflight import format_plan, plan_run
 
     plan = plan_run(cfg)  # known-bad combinations and the memory estimate, before any GPU is allocated
     if not plan.ok:
         raise TrainingError(format_plan(plan))
+    adapter_path = resolve_adapter(cfg)
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data_check = _check_data(cfg) if check_data else None
+    from fineray.train.model import resolve_base
+
     resolve_base(cfg.model.base)  # convert/cache the embedded model once here, not in every worker
     remote = storage.is_remote(cfg.output.dir)
     ray_storage = storage.join(cfg.output.dir, cfg.output.name) if remote else None
@@ -232,8 +237,8 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
             stack.enter_context(watch_progress(board, cfg.train.max_steps, enabled=progress))
             try:
                 result = trainer.fit()
-            except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause
-                raise TrainingError(f"training failed: {_root_cause(e)} (Ray storage: {run_dir / 'ray'})") from e
+            except Exception as e:  # Ray wraps worker errors; surface the root cause
+                raise TrainingError(f"training failed: {root_cause(e)} (Ray storage: {run_dir / 'ray'})") from e
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise TrainingError(f"training produced no checkpoint (see {run_dir / 'ray'})")
@@ -264,7 +269,7 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         if cfg.objective != "sft":
             hp["objective"], hp["dpo"] = cfg.objective, cfg.dpo.model_dump(mode="json")
             metrics.update(summary.get("val_last") or {})
-        version = reg.register(_registry_name(cfg), summary["weights_dir"], base_model=cfg.model.base,
+        version = reg.register(registry_name(cfg.output.name, "adapter"), summary["weights_dir"], base_model=cfg.model.base,
                                method=cfg.method, hyperparameters=hp, dataset_fingerprint=dataset_fingerprint(cfg),
                                metrics=metrics, kind="reward" if cfg.objective == "reward" else "adapter",
                                lineage={"run_dir": str(run_dir), "datasets": datasets, "parent": _parent_ref(cfg),
@@ -278,6 +283,31 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
         storage.upload_dir(run_dir, fs, path)
         summary["run_dir"] = ray_storage
     return summary
+
+
+def check_run_data(cfg: RunConfig, *, check_size: bool = True) -> None:
+    """Raise, before Ray starts, the data errors a run would otherwise meet inside its workers.
+
+    Unreadable or malformed records (the file and line named), records that are not preference pairs for a
+    preference objective, and (with `check_size`) fewer training examples than one optimizer step takes.
+
+    Raises:
+        DataError: what is wrong and where.
+    """
+    from fineray.train.data import DataError, load_train_val
+
+    train_ex, _ = load_train_val(cfg.data, cfg.train.seed)
+    if cfg.objective != "sft":
+        from fineray.train.pairs import check_pairs
+
+        check_pairs(train_ex, cfg.objective)
+    need = cfg.train.batch_size * cfg.scaling.num_workers
+    if check_size and len(train_ex) < need:
+        held = f" after holding out data.validation={cfg.data.validation}" if isinstance(
+            cfg.data.validation, float) else ""
+        raise DataError(f"{len(train_ex)} training examples{held} are fewer than one step needs "
+                        f"(train.batch_size={cfg.train.batch_size} x scaling.num_workers={cfg.scaling.num_workers}"
+                        f" = {need}): add data, or lower train.batch_size or scaling.num_workers")
 
 
 def _check_data(cfg: RunConfig) -> dict[str, Any]:
@@ -303,18 +333,9 @@ def _parent_ref(cfg: RunConfig) -> str | None:
     return AdapterRegistry(cfg.output.registry).get(ref).ref
 
 
-def _registry_name(cfg: RunConfig) -> str:
-    import re
-
-    name = cfg.output.name or "adapter"
-    # Timestamped run names register under their stem, so repeated runs become versions of one adapter.
-    return re.sub(r"-\d{8}-\d{6}$", "", name)[:64]
-
-
-def _root_cause(e: BaseException) -> str:
-    seen = e
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    tail = [line for line in text if line.strip()][-3:]
-    return f"{type(seen).__name__}: {' | '.join(tail)}"
+def root_cause(e: BaseException) -> str:
+    """`Type: last lines` of the innermost cause of `e` (Ray wraps a worker's error in its own exceptions)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [x for x in str(e).strip().splitlines() if x.strip()][-3:]
+    return f"{type(e).__name__}: {' | '.join(lines)}"

@@ -21,16 +21,15 @@ import torch
 
 from fineray.train.batches import collate, epoch_batches, shard_batches, split_by_tokens
 from fineray.train.checkpoint import LoopState, unwrap
-from fineray.train.config import RunConfig
+from fineray.train.config import RunConfig, TrainConfig
 from fineray.train.data import load_train_val
-from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
-from fineray.train.fastpath import forward_loss as fast_forward_loss
+from fineray.train.fastpath import apply_fast_path, forward_loss, make_batch, resolve_fast, to_device
 from fineray.train.model import count_parameters, load_for_training, pick_dtype
 from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
 from fineray.train.templates import Tokenized, tokenize_all
 
-__all__ = ["build_data", "evaluate_loss", "forward_loss", "make_objective", "make_scheduler", "mixed_precision",
+__all__ = ["build_data", "evaluate_loss", "make_objective", "make_scheduler", "mixed_precision",
            "ray_worker_entry", "resume_state", "static_metrics", "train_loop",
            "worker_config"]
 
@@ -63,7 +62,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tot
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def mixed_precision(tcfg: Any, use_gpu: bool) -> tuple[Any, Any]:
+def mixed_precision(tcfg: TrainConfig, use_gpu: bool) -> tuple[Any, Any]:
     """(autocast context factory, fp16 grad scaler or None) for `train.precision` (`auto`: bf16 on GPU)."""
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
     if tcfg.precision == "auto" and use_gpu:
@@ -73,8 +72,9 @@ def mixed_precision(tcfg: Any, use_gpu: bool) -> tuple[Any, Any]:
     return amp, scaler
 
 
-def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean loss over the batch's target tokens, and how many target tokens there were."""
+def _padded_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean loss over a padded (`collate`) batch's target tokens through the plain HF forward, and how many
+    target tokens there were. (Training batches from `make_batch` go through `fastpath.forward_loss`.)"""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     n_target = int((batch["labels"][:, 1:] != -100).sum())
     return out.loss, n_target
@@ -90,7 +90,7 @@ def evaluate_loss(model: torch.nn.Module, data: list[Tokenized], session: Sessio
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)][:max_batches]
     for b in batches:
         batch = {k: v.to(session.device) for k, v in collate([data[i] for i in b], pad_id).items()}
-        loss, n = forward_loss(model, batch)
+        loss, n = _padded_batch_loss(model, batch)
         loss_sum += float(loss) * n
         tokens += n
     model.train()
@@ -114,7 +114,7 @@ class _Supervised:
         return make_batch(items, pad_id, fast)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], fast: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        return fast_forward_loss(model, batch, fast)[0], {}
+        return forward_loss(model, batch, fast)[0], {}
 
     def evaluate(self, model: torch.nn.Module, data: list[Tokenized], session: Session, batch_size: int,
                  pad_id: int, fast: Any, max_batches: int | None = None) -> dict[str, float]:
@@ -132,10 +132,15 @@ def make_objective(cfg: RunConfig, reference_logps: dict[str, tuple[float, float
 
 
 def resume_state(session: Session, resume_from: str | None, strategy: Any, model: torch.nn.Module,
-                 optimizer: Any, scheduler: Any) -> tuple[LoopState, str | None]:
-    """The loop state to start from, and the checkpoint it came from (the session's, else `resume_from`)."""
+                 optimizer: Any, scheduler: Any, banner: str = "") -> tuple[LoopState, str | None]:
+    """The loop state to start from, and the checkpoint it came from (the session's, else `resume_from`).
+
+    Rank 0 prints `banner` (what the run is about to do), saying where it resumes."""
     ckpt = session.get_checkpoint() or resume_from
-    return (strategy.load(ckpt, model, optimizer, scheduler) if ckpt else LoopState()), ckpt
+    state = strategy.load(ckpt, model, optimizer, scheduler) if ckpt else LoopState()
+    if banner and session.rank == 0:
+        print(f"[fineray] rank0: {banner}" + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
+    return state, ckpt
 
 
 def static_metrics(trainable: int, total_params: int, world: int, total_steps: int,
@@ -168,7 +173,7 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     model = apply_fast_path(model, fast)
     data_stats: dict[str, int] = {}
     train_data, val_data = objective.build_data(cfg, tok, data_stats)
-    strategy = make_strategy(cfg, session)
+    strategy = make_strategy(cfg.train, session, base_name=cfg.model.base)
     model, optimizer = strategy.prepare(model)
     # Reference log-probs need the starting weights: before a checkpoint is loaded.
     objective.prepare(unwrap(model), train_data + val_data, tok.pad_token_id, session.device, tcfg.batch_size)
@@ -182,13 +187,11 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     eval_every = tcfg.eval_every
     ckpt_every = tcfg.checkpoint_every or eval_every
 
-    state, ckpt = resume_state(session, resume_from, strategy, model, optimizer, scheduler)
+    state, _ = resume_state(session, resume_from, strategy, model, optimizer, scheduler,
+                            f"{len(train_data)} train / {len(val_data)} val examples, {trainable:,} trainable of "
+                            f"{total_params:,} params, {total_steps} steps, strategy={strategy.name}, "
+                            f"{fast.describe()}")
     static = static_metrics(trainable, total_params, world, total_steps, data_stats)
-    if session.rank == 0:
-        print(f"[fineray] rank0: {len(train_data)} train / {len(val_data)} val examples, "
-              f"{trainable:,} trainable of {total_params:,} params, {total_steps} steps, "
-              f"strategy={strategy.name}, {fast.describe()}"
-              + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
 
     def write_ckpt(target: Path) -> None:
         final = state.step >= total_steps or bool(stop_reason)  # sharded strategies consolidate the weights

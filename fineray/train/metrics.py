@@ -14,8 +14,17 @@ import json
 import math
 from collections.abc import Sequence
 
-__all__ = ["exact_match", "rouge_l", "bleu", "json_valid", "field_accuracy", "perplexity", "compute_metrics",
-           "METRICS", "parse_json_object"]
+__all__ = [
+    "METRICS",
+    "bleu",
+    "compute_metrics",
+    "exact_match",
+    "field_accuracy",
+    "json_valid",
+    "parse_json_object",
+    "perplexity",
+    "rouge_l",
+]
 
 
 def _check(preds: Sequence[str], refs: Sequence[str]) -> None:

@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 
-from fineray.train.config import LoraConfig, ModelConfig
+from fineray.train.config import LoraConfig, ModelConfig, RunConfig
 
 __all__ = [
     "ModelError",
-    "resolve_base",
-    "load_tokenizer",
-    "load_base_model",
     "apply_peft",
-    "load_for_training",
     "count_parameters",
+    "load_base_model",
+    "load_for_training",
+    "load_tokenizer",
     "pick_dtype",
+    "resolve_base",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def load_base_model(cfg: ModelConfig, *, method: str = "lora", use_gpu: bool = F
     auto = AutoModelForSequenceClassification if score_head else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path, **kwargs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # hub/network errors come in many types
         if Path(path).exists():
             raise ModelError(f"model.base {cfg.base!r}: failed to load from {path}: {e}") from e
         raise _hub_error(cfg.base, e) from None
@@ -157,7 +157,8 @@ def apply_peft(model: torch.nn.Module, method: str, lora: LoraConfig, adapter_pa
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpointing)
@@ -172,7 +173,7 @@ def apply_peft(model: torch.nn.Module, method: str, lora: LoraConfig, adapter_pa
     if adapter_path:
         try:
             return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ModelError(f"model.adapter: cannot load adapter from {adapter_path}: {e}") from e
     if lora.init_seed is not None:
         torch.manual_seed(lora.init_seed)  # same A init on every silo/trial when asked (FFA-LoRA)
@@ -194,7 +195,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_for_training(cfg: Any, *, use_gpu: bool = False, adapter_path: str | None = None,
+def load_for_training(cfg: RunConfig, *, use_gpu: bool = False, adapter_path: str | None = None,
                       device: torch.device | str | None = None) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and trainable model for a RunConfig (base + PEFT per `cfg.method`)."""
     path = resolve_base(cfg.model.base)

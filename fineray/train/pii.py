@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-__all__ = ["PII_KINDS", "PLACEHOLDERS", "PiiFinding", "find_pii", "redact", "luhn_valid", "iban_valid"]
+__all__ = ["PII_KINDS", "PLACEHOLDERS", "PiiFinding", "find_pii", "iban_valid", "luhn_valid", "redact"]
 
 PII_KINDS = ("email", "secret", "card", "iban", "ip", "phone", "name")
 PLACEHOLDERS = {k: f"<{k.upper()}>" for k in PII_KINDS}
@@ -106,9 +106,7 @@ _NAME = re.compile(
     re.MULTILINE,
 )
 # Words after a cue that are not names ("Hi Support", "I am Unable", "- Thanks").
-_NOT_NAMES = frozenset("""The A An And Or But Not No Yes Support Team Sir Madam All There Everyone Customer
-Service Thanks Thank Please Sorry Unable Writing Here Still Also Just So Good Morning Afternoon Evening Again
-Urgent Re Fwd Order Product Your Our My This That It We They He She You Hope""".split())
+_NOT_NAMES = frozenset(["The", "A", "An", "And", "Or", "But", "Not", "No", "Yes", "Support", "Team", "Sir", "Madam", "All", "There", "Everyone", "Customer", "Service", "Thanks", "Thank", "Please", "Sorry", "Unable", "Writing", "Here", "Still", "Also", "Just", "So", "Good", "Morning", "Afternoon", "Evening", "Again", "Urgent", "Re", "Fwd", "Order", "Product", "Your", "Our", "My", "This", "That", "It", "We", "They", "He", "She", "You", "Hope"])
 
 
 def _digits(s: str) -> str:

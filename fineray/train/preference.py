@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fineray.train.config import RunConfig
 from fineray.train.fastpath import FastPath, to_device
 from fineray.train.logprobs import adapter_disabled, document_sums, token_logps
 from fineray.train.pairs import Pair, pair_batch, tokenize_pairs
@@ -76,7 +77,7 @@ def preference_loss(objective: str, chosen: torch.Tensor, rejected: torch.Tensor
     raise ValueError(f"unknown preference objective {objective!r}")
 
 
-def build_pair_data(cfg: Any, tokenizer: Any, stats: dict[str, int] | None = None
+def build_pair_data(cfg: RunConfig, tokenizer: Any, stats: dict[str, int] | None = None
                     ) -> tuple[list[Pair], list[Pair]]:
     """Load, normalise and tokenise the training and validation pairs (bad records named by file and line)."""
     from fineray.train.data import load_train_val
@@ -102,7 +103,7 @@ class PreferenceObjective:
             objective needs them and none are given, `prepare` computes them in this worker.
     """
 
-    def __init__(self, cfg: Any, reference: dict[str, tuple[float, float]] | None = None) -> None:
+    def __init__(self, cfg: RunConfig, reference: dict[str, tuple[float, float]] | None = None) -> None:
         from fineray.train.reference import needs_precomputed_reference
 
         self.name = cfg.objective
@@ -112,7 +113,7 @@ class PreferenceObjective:
         self.precomputed = needs_precomputed_reference(cfg)
         self.is_reward = cfg.objective == "reward"
 
-    def load_model(self, cfg: Any, **kwargs: Any) -> tuple[Any, torch.nn.Module]:
+    def load_model(self, cfg: RunConfig, **kwargs: Any) -> tuple[Any, torch.nn.Module]:
         """Tokenizer and trainable model (a scalar-head model for `reward`)."""
         if self.is_reward:
             from fineray.train.reward_model import load_reward_for_training
@@ -122,7 +123,7 @@ class PreferenceObjective:
 
         return load_for_training(cfg, **kwargs)
 
-    def build_data(self, cfg: Any, tokenizer: Any, stats: dict[str, int]) -> tuple[list[Pair], list[Pair]]:
+    def build_data(self, cfg: RunConfig, tokenizer: Any, stats: dict[str, int]) -> tuple[list[Pair], list[Pair]]:
         train, val = build_pair_data(cfg, tokenizer, stats)
         if self.reference is not None:
             for p in train + val:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fineray.train.config import RunConfig
+
 __all__ = [
     "KNOWN_SHAPES",
     "Finding",
@@ -131,7 +133,7 @@ def model_shape(base: str) -> ModelShape | None:
         from transformers import AutoConfig
 
         return ModelShape.from_config(AutoConfig.from_pretrained(str(path)).to_dict())
-    except Exception:  # noqa: BLE001 - hub lookups fail offline
+    except Exception:  # noqa: BLE001 - a missing package or directory just means "shape unknown"
         return None
 
 
@@ -182,15 +184,28 @@ def _fast_on(value: Any, gpu: bool) -> bool:
     return gpu if value == "auto" else bool(value)
 
 
-def check_rules(cfg: Any) -> list[Finding]:
-    """Known-bad and questionable combinations of settings."""
+def _deepspeed_file(path: str) -> list[Finding]:
+    """The user's DeepSpeed JSON must exist and parse (else every worker fails after Ray started)."""
+    f = Path(path).expanduser()
+    try:
+        json.loads(f.read_text(encoding="utf-8"))
+    except OSError as e:
+        return [Finding("error", "train.deepspeed.config_file", f"cannot read {f}: {e.strerror or e}",
+                        "give the path of a DeepSpeed JSON config (or leave it out)")]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        return [Finding("error", "train.deepspeed.config_file", f"{f}{where} is not a JSON file ({e})",
+                        "fix the JSON")]
+    return []
+
+
+def check_rules(cfg: RunConfig) -> list[Finding]:
+    """Known-bad and questionable combinations of settings that depend on the machine or are advice.
+
+    Combinations that can never run (e.g. QLoRA with DeepSpeed) are refused when the config is loaded
+    (`RunConfig._cross_checks`), so they are not repeated here."""
     t, gpu, out = cfg.train, cfg.scaling.use_gpu, []
     packing = _fast_on(cfg.data.packing, gpu)
-    if cfg.method == "qlora" and t.strategy == "deepspeed":
-        stage = t.deepspeed.stage
-        out.append(Finding("error", "method/train.strategy",
-                           f"QLoRA with DeepSpeed ZeRO-{stage}: ZeRO cannot partition bitsandbytes 4-bit weights",
-                           "use train.strategy=ddp or fsdp"))
     if cfg.method == "qlora" and not gpu:
         out.append(Finding("error", "method", "QLoRA needs a CUDA GPU (bitsandbytes has no CPU 4-bit backward)",
                            "set scaling.use_gpu=true or method=lora"))
@@ -233,6 +248,8 @@ def check_rules(cfg: Any) -> list[Finding]:
         if t.strategy != "ddp":
             out.append(Finding("warning", "train.optimizer", "paged 8-bit AdamW is tested with DDP only",
                                "use train.optimizer=adamw with fsdp/deepspeed"))
+    if t.strategy == "deepspeed" and t.deepspeed.config_file:
+        out += _deepspeed_file(t.deepspeed.config_file)
     if t.strategy == "deepspeed" and (t.deepspeed.offload_optimizer or t.deepspeed.offload_params) and not gpu:
         out.append(Finding("warning", "train.deepspeed", "CPU offload on a CPU-only run changes nothing",
                            "turn offload off"))
@@ -247,7 +264,7 @@ def check_rules(cfg: Any) -> list[Finding]:
     return out
 
 
-def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> MemoryEstimate:
+def estimate_memory(cfg: RunConfig, shape: ModelShape, tokens: int | None = None) -> MemoryEstimate:
     """Peak memory of one worker (see the module docstring for the model).
 
     Args:
@@ -329,7 +346,7 @@ def estimate_memory(cfg: Any, shape: ModelShape, tokens: int | None = None) -> M
     return MemoryEstimate(parts=parts, tokens=T, host_bytes=host)
 
 
-def _suggestions(cfg: Any, est: MemoryEstimate, limit: float) -> list[str]:
+def _suggestions(cfg: RunConfig, est: MemoryEstimate, limit: float) -> list[str]:
     t, tips = cfg.train, []
     share = {k: v / max(est.total, 1.0) for k, v in est.parts.items()}
     for k in sorted(share, key=share.get, reverse=True):
@@ -354,7 +371,7 @@ def _suggestions(cfg: Any, est: MemoryEstimate, limit: float) -> list[str]:
     return tips
 
 
-def plan_run(cfg: Any, gpu_memory_gib: float | None = None, tokens: int | None = None) -> Plan:
+def plan_run(cfg: RunConfig, gpu_memory_gib: float | None = None, tokens: int | None = None) -> Plan:
     """Rules + memory estimate for a run config.
 
     Args:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fineray.train.config import RunConfig
 from fineray.train.fastpath import FastPath
 from fineray.train.logprobs import document_sums, token_logps
 from fineray.train.pairs import Pair, pair_batch
@@ -23,7 +24,7 @@ from fineray.train.pairs import Pair, pair_batch
 __all__ = ["needs_precomputed_reference", "pair_reference_logps", "precompute_reference"]
 
 
-def needs_precomputed_reference(cfg: Any) -> bool:
+def needs_precomputed_reference(cfg: RunConfig) -> bool:
     """Whether the objective needs reference log-probs computed before training."""
     if cfg.objective not in ("dpo", "ipo") or cfg.dpo.reference == "adapter_disabled":
         return False
@@ -82,7 +83,7 @@ class _ReferenceScorer:
                 "ref_rejected": np.array([r[1] for r in refs])}
 
 
-def precompute_reference(cfg: Any, adapter_path: str | None = None) -> dict[str, tuple[float, float]]:
+def precompute_reference(cfg: RunConfig, adapter_path: str | None = None) -> dict[str, tuple[float, float]]:
     """Reference log-probs of every training and validation pair, keyed by `Pair.key` (a Ray Data pass on
     the running Ray cluster; one actor per training worker)."""
     import ray

@@ -26,10 +26,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from fineray.cluster import storage
+from fineray.base import storage
 from fineray.train._cache import cache_dir
 
-__all__ = ["RegistryError", "AdapterVersion", "AdapterRegistry", "validate_name", "parse_ref", "sha256_file"]
+__all__ = ["AdapterRegistry", "AdapterVersion", "RegistryError", "parse_ref", "sha256_file", "validate_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MANIFEST = "manifest.json"

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fineray.train.config import RunConfig
 from fineray.train.data import Example
 from fineray.train.templates import tokenize_example
 
@@ -36,7 +37,7 @@ def read_last_token(model: torch.nn.Module) -> None:
             cfg.get_text_config().pad_token_id = _NO_PAD
 
 
-def _parent_lora(cfg: Any, adapter_path: str) -> Any:
+def _parent_lora(cfg: RunConfig, adapter_path: str) -> Any:
     """The LoRA shape of a parent (supervised) adapter, so its weights load into the reward model."""
     parent = json.loads((Path(adapter_path) / "adapter_config.json").read_text())
     lora = cfg.lora.model_copy(update={"r": parent["r"], "alpha": parent["lora_alpha"],
@@ -46,7 +47,7 @@ def _parent_lora(cfg: Any, adapter_path: str) -> Any:
     return lora
 
 
-def load_reward_for_training(cfg: Any, *, use_gpu: bool = False, adapter_path: str | None = None,
+def load_reward_for_training(cfg: RunConfig, *, use_gpu: bool = False, adapter_path: str | None = None,
                              device: torch.device | str | None = None) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and trainable reward model for a RunConfig (`objective: reward`).
 

@@ -7,12 +7,13 @@ under Ray Train (`RaySession`) and in-process for quick checks and unit tests (`
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-__all__ = ["Session", "LocalSession", "RaySession"]
+__all__ = ["LocalSession", "RaySession", "Session"]
 
 
 class Session:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fineray.train.data import Example
 
-__all__ = ["IGNORE_INDEX", "Tokenized", "render_chat", "tokenize_example", "tokenize_all", "prompt_text"]
+__all__ = ["IGNORE_INDEX", "Tokenized", "prompt_text", "render_chat", "tokenize_all", "tokenize_example"]
 
 IGNORE_INDEX = -100
 

@@ -6,18 +6,10 @@ Exports are imported lazily so that config validation does not import Ray.
 
 from __future__ import annotations
 
-from fineray._lazy import lazy_exports
+from fineray.base.lazy import lazy_exports
 
-__all__ = [
-    "SweepError",
-    "SweepResult",
-    "TuneConfig",
-    "parse_tune_config",
-    "print_sweep",
-    "resume_sweep",
-    "run_sweep",
-    "validate_search_space",
-]
+__all__ = ["SweepError", "SweepResult", "TuneConfig", "parse_tune_config", "print_sweep", "resume_sweep", "run_sweep",
+           "validate_search_space"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
     "run_sweep": "fineray.tune.sweep",

@@ -24,7 +24,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fineray.train.config import ConfigError, RunConfig, apply_overrides, validate_config
+from fineray.train.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    format_validation_error,
+    validate_config,
+)
 
 __all__ = [
     "TRAINING_METRICS",
@@ -233,7 +239,7 @@ class Distribution(BaseModel):
 
 
 def _same(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b or (
+    return (type(a) is type(b) and a == b) or (
         isinstance(a, (int, float)) and isinstance(b, (int, float))
         and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
 
@@ -301,12 +307,7 @@ def parse_tune_config(cfg: RunConfig) -> TuneConfig:
     try:
         return TuneConfig.model_validate(cfg.tune)
     except ValidationError as e:
-        lines = ["invalid tune section:"]
-        for err in e.errors():
-            key = ".".join(str(p) for p in ("tune", *err["loc"]))
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {key}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(e, "tune", "tune section", section="tune")) from None
 
 
 def validate_search_space(cfg: RunConfig, tcfg: TuneConfig | None = None) -> dict[str, Distribution]:

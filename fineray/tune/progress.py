@@ -1,5 +1,5 @@
 """Live sweep output in the driver: one line per finished trial above a rich progress bar, `trials.jsonl`,
-and the periodic snapshot of Tune's state (see state.py). Tune callbacks reach it through `_tune.LIVE`."""
+and the periodic snapshot of Tune's state (see state.py). Tune callbacks reach it through `plugins.LIVE`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any, Self
 
-from fineray.cluster import storage
+from fineray.base import storage
 from fineray.tune.config import TuneConfig
 from fineray.tune.state import snapshot
 from fineray.tune.trainable import append_line

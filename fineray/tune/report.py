@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
-from fineray.cluster import storage
+from fineray.base import storage
+from fineray.base.runs import model_stem, run_stem
+from fineray.train.config import RunConfig
 from fineray.tune.config import Distribution, TuneConfig
 from fineray.tune.trainable import LOOP_DONE, trial_config, weights_dir
 
@@ -72,7 +74,7 @@ def _finite(v: Any) -> bool:
 
 def _error_text(err: BaseException) -> str:
     lines = [x.strip() for x in str(err).splitlines() if x.strip()]
-    ours = [x for x in lines if "TrainingError" in x or "trial " in x and "failed" in x]
+    ours = [x for x in lines if "TrainingError" in x or ("trial " in x and "failed" in x)]
     return (ours[-1] if ours else " | ".join(lines[-2:]) or type(err).__name__)[:500]
 
 
@@ -183,11 +185,11 @@ def register_best(base: dict[str, Any], tcfg: TuneConfig, best: dict[str, Any], 
     return version.ref
 
 
-def default_registry_name(cfg: Any, sweep_name: str) -> str:
+def default_registry_name(cfg: RunConfig, sweep_name: str) -> str:
     """The sweep name without its timestamp; `<base>-<method>-sweep` for default-named sweeps."""
-    stem = re.sub(r"-?\d{8}-\d{6}$", "", sweep_name)
+    stem = run_stem(sweep_name)
     if stem in ("", "sweep"):
-        stem = f"{cfg.model.base.split(':')[-1].split('/')[-1]}-{cfg.method}-sweep"
+        stem = f"{model_stem(cfg.model.base)}-{cfg.method}-sweep"
     return re.sub(r"[^A-Za-z0-9._-]", "-", stem).strip("-._")[:64] or "sweep"
 
 

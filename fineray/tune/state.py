@@ -15,7 +15,7 @@ import re
 import time
 from typing import Any
 
-from fineray.cluster import storage
+from fineray.base import storage
 
 __all__ = ["StateDamaged", "damaged", "repair", "snapshot", "state_files"]
 
@@ -64,7 +64,7 @@ def snapshot(sweep_uri: str) -> bool:
         try:
             data = storage.read_bytes(fs, f"{tune_dir}/{name}")
             _loads(name, data)
-        except Exception:  # noqa: BLE001 - mid-copy: try again at the next tick
+        except Exception:  # noqa: BLE001 - any decode error means the file is unusable
             return False
         blobs[name] = data
     if "tuner.pkl" not in blobs or not any(n.startswith("experiment_state-") for n in blobs):

@@ -4,7 +4,7 @@ Sweep folder (`output.dir/output.name`, default name `sweep-<timestamp>`; local 
     sweep.json           the run config with its tune section (what `--resume` restarts from)
     tune/                Ray Tune experiment state (Tuner.restore)
     tune-snapshot/       the last clean copy of Tune's state (see state.py)
-    asha_state.json      ASHA's rungs (Tune does not save scheduler state; see _tune.PersistentASHA)
+    asha_state.json      ASHA's rungs (Tune does not save scheduler state; see plugins.PersistentASHA)
     trials/<trial_id>/   each trial's Ray Train run, attempts.jsonl and final.json
     trials.jsonl         one line per finished trial, appended live
     results.json         all trial records, best trial, Pareto front, errors
@@ -30,7 +30,9 @@ from typing import Any
 
 import yaml
 
-from fineray.cluster import storage
+from fineray.base import storage
+from fineray.base.connect import ray_cluster
+from fineray.base.runs import default_run_name
 from fineray.train.config import ConfigError, RunConfig, validate_config
 from fineray.tune.config import (
     TRAINING_METRICS,
@@ -93,7 +95,7 @@ def check_objectives(cfg: RunConfig, tcfg: TuneConfig) -> None:
 
 def _sweep_uri(cfg: RunConfig) -> str:
     if not cfg.output.name:
-        cfg.output.name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.output.name = default_run_name("tune")
     if storage.is_remote(cfg.output.dir):
         return storage.join(cfg.output.dir, cfg.output.name)
     return str(Path(cfg.output.dir).expanduser().resolve() / cfg.output.name)
@@ -108,86 +110,18 @@ def _local_dir(sweep_uri: str, name: str) -> Path:
     return Path(sweep_uri)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
-def _kill_half_started(port: int) -> None:
-    """A failed `ray.init` leaves the processes it started (GCS, dashboard, ...) running: end those of this
-    process's children that belong to that cluster (they name its GCS port)."""
-    try:
-        import psutil
-    except ImportError:  # not a declared dependency: without it they end with this process (fate-sharing)
-        return
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if any(a.endswith((f":{port}", f"={port}")) for a in child.cmdline()):
-                child.kill()
-        except psutil.Error:
-            pass
-
-
-def _start_private_ray(cfg: RunConfig, kwargs: dict[str, Any]) -> None:
-    import ray
-    from ray._private.services import get_node_ip_address
-
-    port = _free_port()
-    saved = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=True,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}}, **kwargs)
-    except Exception:
-        _kill_half_started(port)
-        raise
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = saved
-
-
 @contextlib.contextmanager
 def _ray(cfg: RunConfig) -> Iterator[None]:
-    """Ray for the sweep: a private local cluster, or the configured cluster.
+    """Ray for the sweep: a private local cluster (with the dashboard, pinned by address), or the configured one.
 
-    Why the private cluster gets a fixed GCS port and `RAY_ADDRESS` in its workers' environment: when Tune stops
-    a trial (ASHA), the trial's Ray Train controller dies with it and Train V2's PlacementGroupCleaner frees
-    the workers' placement group only after seeing the controller dead through the State API. That API
-    finds "the" cluster by address; with several Ray clusters on one machine (or no dashboard) the lookup
-    fails, the group leaks, and later trials wait forever for CPUs. Worker logs stay in Ray's log files.
+    Why the dashboard and the pinned address (`fineray.base.connect`): when Tune stops a trial (ASHA), the
+    trial's Ray Train controller dies with it and Train V2's PlacementGroupCleaner frees the workers' placement
+    group only after seeing the controller dead through the State API. That API finds "the" cluster by
+    address; with several Ray clusters on one machine (or no dashboard) the lookup fails, the group leaks, and
+    later trials wait forever for CPUs. Worker logs stay in Ray's log files.
     """
-    import ray
-
-    if ray.is_initialized():
+    with ray_cluster(cfg.cluster.address, cfg.cluster.num_cpus, log_to_driver=False):
         yield
-        return
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        for attempt in (1, 2):
-            try:
-                _start_private_ray(cfg, kwargs)
-                break
-            except Exception as e:  # Ray raises a bare Exception when its node does not start
-                # An overloaded machine can miss Ray's startup timeouts (raylet waiting for the dashboard
-                # agent); one fresh attempt usually gets through.
-                ray.shutdown()
-                if attempt == 2 or "timed out during startup" not in str(e):
-                    raise
-                log.warning("Ray did not start in time (%s); trying once more", e)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _trainable(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sweep_uri: str) -> Any:
@@ -225,7 +159,7 @@ def _concurrency(cfg: RunConfig, tcfg: TuneConfig) -> int:
 def _scheduler(cfg: RunConfig, tcfg: TuneConfig, sweep_uri: str) -> Any:
     from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
 
-    from fineray.tune._tune import PersistentASHA
+    from fineray.tune.plugins import PersistentASHA
 
     s = tcfg.scheduler
     if s.type == "none":
@@ -252,7 +186,7 @@ def _scheduler(cfg: RunConfig, tcfg: TuneConfig, sweep_uri: str) -> Any:
 def _new_tuner(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sweep_uri: str) -> Any:
     from ray import tune
 
-    from fineray.tune._tune import Searcher, SweepCallback, trial_dirname
+    from fineray.tune.plugins import Searcher, SweepCallback, trial_dirname
 
     multi = len(tcfg.metrics) > 1
     searcher = Searcher(space={k: d.to_optuna() for k, d in space.items()},
@@ -290,7 +224,7 @@ def _read_lines(fs: Any, path: str) -> list[dict[str, Any]]:
 
 def _execute(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sweep_uri: str, *,
              restore: bool, progress: bool) -> SweepResult:
-    from fineray.tune._tune import LIVE
+    from fineray.tune.plugins import LIVE
 
     name = cfg.output.name
     fs, path = storage.open_fs(sweep_uri)
@@ -344,7 +278,7 @@ def _finish(cfg: RunConfig, tcfg: TuneConfig, space: dict[str, Distribution], sw
             result.plots = write_plots(records, space, tcfg.metrics, tcfg.modes, local)
         except Exception as e:  # noqa: BLE001 - plots are a convenience; never lose the sweep over them
             log.warning("could not draw the sweep plots: %s", e)
-    summary = {k: v for k, v in result.__dict__.items()}
+    summary = dict(result.__dict__)
     (local / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     if storage.is_remote(sweep_uri):
         for f in [local / "results.json", result.best_config_path, *result.plots]:
@@ -363,6 +297,10 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True) -> SweepResult:
     tcfg = parse_tune_config(cfg)
     space = validate_search_space(cfg, tcfg)
     check_objectives(cfg, tcfg)
+    from fineray.train.launcher import check_run_data
+
+    # Bad data fails here, not in every trial; the size check only when no trial changes the step's size.
+    check_run_data(cfg, check_size=not {"train.batch_size", "scaling.num_workers"} & set(space))
     sweep_uri = _sweep_uri(cfg)
     fs, path = storage.open_fs(sweep_uri)
     if storage.exists(fs, f"{path}/tune"):

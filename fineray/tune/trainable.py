@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fineray.cluster import storage
+from fineray.base import storage
 from fineray.train.config import RunConfig, validate_config
 
 __all__ = ["LOOP_DONE", "append_line", "evaluate_adapter", "run_trial", "trial_config", "trial_uri", "weights_dir"]
@@ -98,13 +98,6 @@ def _report_callback() -> Any:
     return _Forward()
 
 
-def _root_cause(e: BaseException) -> str:
-    while e.__cause__ is not None:
-        e = e.__cause__
-    lines = [x for x in str(e).strip().splitlines() if x.strip()][-3:]
-    return f"{type(e).__name__}: {' | '.join(lines)}"
-
-
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {(LOOP_DONE if k == "done" else k): v for k, v in metrics.items()
             if isinstance(v, (int, float, str, bool)) or v is None}
@@ -124,7 +117,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_uri: str, k
     """
     import ray.tune
 
-    from fineray.train.launcher import TrainingError, make_trainer
+    from fineray.train.launcher import TrainingError, make_trainer, root_cause
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: config[k] for k in keys}
@@ -141,7 +134,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], sweep_uri: str, k
     try:
         result = trainer.fit()
     except Exception as e:
-        raise TrainingError(f"trial {trial_id} failed: {_root_cause(e)}") from e
+        raise TrainingError(f"trial {trial_id} failed: {root_cause(e)}") from e
     final = _scalar_metrics(dict(result.metrics or {}))
     if final.get("stop_reason") == "diverged":
         # A bad configuration (e.g. too high a learning rate), not a failure to retry: the trial ends without

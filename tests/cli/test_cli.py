@@ -74,6 +74,24 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path):
     assert p.returncode == 1 and "no adapter named 'nope'" in p.stderr
 
 
+def test_data_a_run_cannot_use_is_refused_before_ray_starts(tmp_path: Path):
+    """Not UTF-8 (named by file and line, no traceback), too few examples for one step, a relative data path
+    given as an override (absolute for the workers): all before Ray starts, so no run folder is written."""
+    # Prepare
+    (tmp_path / "latin.jsonl").write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9"}\n')
+    (tmp_path / "small.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 3)
+    tiny = ["model.base=tiny:llama", "output.dir=runs", "--no-progress"]
+    # Execute
+    latin = run("train", "data.train=latin.jsonl", *tiny, cwd=tmp_path, check=False)
+    small = run("train", "data.train=small.jsonl", "data.validation=null", *tiny, cwd=tmp_path, check=False)
+    # Assert
+    assert latin.returncode == 1 and "latin.jsonl:2: not UTF-8 text (byte 0xe9 at column 21)" in latin.stderr
+    assert "Traceback" not in latin.stderr
+    assert small.returncode == 1 and ("3 training examples are fewer than one step needs (train.batch_size=4 x "
+                                      "scaling.num_workers=2 = 8)") in small.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_preference_and_rl_commands_give_clear_errors(tmp_path: Path):
     (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' * 4)
     (tmp_path / "dpo.yaml").write_text("model: {base: 'tiny:llama'}\nobjective: dpo\ndata: {train: sft.jsonl}\n")

@@ -5,17 +5,10 @@ a wrong token fail fast with clear errors."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import re
 import secrets
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,10 +19,10 @@ import pytest
 from fineray.cluster import _auth, jobs
 from fineray.cluster.jobs import JobError
 from fineray.train.config import config_hash, load_config
+from tests.ray_head import start_head, stop_head
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's log tail
 
-VENV_BIN = Path(sys.executable).parent
 TINY = ["model.base=tiny:llama", "scaling.num_workers=1", "eval.enabled=false", "data.max_examples=32",
         "train.batch_size=2", "train.log_every=1", "train.eval_batches=1", "train.threads_per_worker=1"]
 
@@ -177,85 +170,18 @@ def test_unreachable_address_fails_fast() -> None:
 
 
 # ------------------------------------------------------------------------------------------- a private Ray head
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """PIDs of processes whose environment carries our marker (only this fixture's Ray processes)."""
-    needle = f"FINERAY_TEST_HEAD={marker}".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if needle in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-    return pids
-
-
-def _stop_head(proc: subprocess.Popen, temp: str) -> None:
-    """Stop one private head: its `ray start --block` process group, then any process carrying its marker."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-    for pid in _marked_pids(temp):  # by PID: only processes started by this head
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if not os.environ.get("FINERAY_TEST_KEEP_RAY"):  # set it to keep the head's logs for a post-mortem
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _start_head(token: str) -> tuple[subprocess.Popen, str, str]:
-    """`ray start --head --block` in a private temp dir on free ports, with token auth on; wait for the Jobs API."""
-    temp = tempfile.mkdtemp(prefix="frj-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    gcs, dash, nm, om, client, agent, agent_grpc, renv, metrics = _free_ports(9)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, FINERAY_TEST_HEAD=temp, RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp}", f"--port={gcs}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
-           f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--ray-client-server-port={client}",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
-           "--object-store-memory=200000000", "--disable-usage-stats"]
-    log_path = Path(temp) / "ray-start.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and proc.poll() is None:
-        # `ray start` prints this once the raylet registered (it gives up after 30 s on an overloaded machine)
-        if "Ray runtime started" in log_path.read_text():
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/api/jobs/", headers=_auth.auth_headers(token), timeout=2).status_code == 200:
-                    return proc, temp, url
-        time.sleep(0.5)
-    text = log_path.read_text()
-    _stop_head(proc, temp)
-    raise RuntimeError(f"private Ray head did not start:\n{text[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def head():
     """A private Ray head (dashboard on, token auth on with a fresh token) stopped at the end by PID."""
     token = secrets.token_hex(16)
     try:
-        proc, temp, url = _start_head(token)
+        proc, temp, url = start_head(token=token)
     except RuntimeError:  # one retry: a loaded 2-core machine can miss Ray's fixed 30 s raylet start-up limit
-        proc, temp, url = _start_head(token)
+        proc, temp, url = start_head(token=token)
     try:
         yield {"url": url, "token": token, "temp": temp}
     finally:
-        _stop_head(proc, temp)
+        stop_head(proc, temp)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import yaml
 
+from fineray.base import runs
 from fineray.cluster import k8s
 from tests.cluster.conftest import ENTRYPOINT, K8S, assert_valid, base_docs, containers
 
@@ -96,7 +97,7 @@ def test_base_raycluster_shape():
         assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
-@pytest.mark.parametrize("kind", k8s.KINDS)
+@pytest.mark.parametrize("kind", runs.KINDS)
 def test_base_rayjobs(kind):
     docs = [d for _, d in base_docs()]
     (job,) = [d for d in of_kind(docs, "RayJob") if d["metadata"]["name"] == f"fineray-{kind}"]
@@ -179,7 +180,7 @@ def test_sample_configs_are_valid_run_configs():
             tune = pytest.importorskip("fineray.tune.config")
             tune.validate_search_space(cfg, tune.parse_tune_config(cfg))
         if label.endswith("rl.yaml"):
-            rl = pytest.importorskip("fineray.train.rl.config")
+            rl = pytest.importorskip("fineray.rl.config")
             assert rl.parse_rl_config(cfg).rewards, label
 
 

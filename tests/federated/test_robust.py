@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from fineray.federated.robust import screen_updates, validate_update
+from fineray.federated.robust import validate_update
 
 PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"
 A = f"{PREFIX}.lora_A.weight"
 B = f"{PREFIX}.lora_B.weight"
+
+
+def screen_updates(updates, glob, **kwargs) -> list[tuple]:
+    """(silo, reason) of every silo's update, as the coordinator screens a round."""
+    items = updates.items() if isinstance(updates, dict) else enumerate(updates)
+    return [(silo, reason) for silo, update in items for reason in validate_update(update, glob, **kwargs)]
 
 
 def _adapter(r: int = 4, fill: float = 0.0) -> dict[str, torch.Tensor]:
@@ -39,7 +45,7 @@ def test_rejects_nan_wrong_shape_missing_key_and_large_norm():
         max_delta_norm=10.0,
     )
     # Assert
-    by_silo = {silo: reason for silo, reason in rejections}
+    by_silo = dict(rejections)
     assert set(by_silo) == {"nan", "shape", "missing", "big"}
     assert f"non-finite values in {B}" == by_silo["nan"]
     assert by_silo["shape"] == f"shape of {A}: expected (4, 16), got (4, 15)"

@@ -13,7 +13,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from fineray.federated import print_federation, run_simulation, simulation
-from fineray.federated.adapters import initial_adapter
+from fineray.federated.global_model import initial_adapter
 from fineray.federated.silo import SiloWorker
 from fineray.federated.simulation import FederationError
 from fineray.federated.wire import pack_tensors, unpack_tensors

@@ -202,7 +202,7 @@ def test_https_federation_mtls_tokens_secagg_and_refused_silos(tmp_path: Path):
         try:
             outcome["result"] = run_coordinator(cfg, "127.0.0.1", 0, *pki["server"], pki["ca"][0], tokens,
                                                 progress=False, on_ready=urls.put, start_wait_s=300, linger_s=2)
-        except BaseException as e:  # noqa: BLE001 - surfaced by the assertion below
+        except BaseException as e:  # noqa: BLE001 - surfaced by the assertions
             outcome["error"] = e
 
     thread = threading.Thread(target=coordinator, daemon=True)

@@ -52,7 +52,7 @@ def test_prepare_dedupes_redacts_drops_leaks_and_publishes_a_verified_version(pu
 
 
 def test_a_changed_file_fails_verification_and_versions_are_immutable(published):
-    root, v, _ = published
+    root, _, _ = published
     part = root / "_datasets" / "sums" / "v1" / "train" / "part-00000.parquet"
     part.write_bytes(part.read_bytes()[:-10] + b"0123456789")
     reg = DatasetRegistry(str(root))

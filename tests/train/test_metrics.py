@@ -4,8 +4,16 @@ import math
 
 import pytest
 
-from fineray.train.metrics import (bleu, compute_metrics, exact_match, field_accuracy, json_valid,
-                                   parse_json_object, perplexity, rouge_l)
+from fineray.train.metrics import (
+    bleu,
+    compute_metrics,
+    exact_match,
+    field_accuracy,
+    json_valid,
+    parse_json_object,
+    perplexity,
+    rouge_l,
+)
 
 
 def test_exact_match():

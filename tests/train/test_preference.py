@@ -225,7 +225,7 @@ def test_rpo_adds_the_chosen_nll_to_dpo(tiny_tok):
     obj = PreferenceObjective(cfg)
     batch = pair_batch(pairs, tok.pad_token_id, FastPath())
     with torch.no_grad():
-        loss, m = obj.loss(model, batch, FastPath())
+        loss, _ = obj.loss(model, batch, FastPath())
         sums, counts = document_sums(token_logps(model, batch, FastPath()), batch)
         with adapter_disabled(model) as base:
             ref, _ = document_sums(token_logps(base, batch, FastPath()), batch)

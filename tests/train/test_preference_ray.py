@@ -45,7 +45,11 @@ def test_reference_pass_on_ray_data_equals_the_frozen_model(tmp_path: Path, shar
 
     from fineray.train.model import load_tokenizer
     from fineray.train.preference import build_pair_data
-    from fineray.train.reference import needs_precomputed_reference, pair_reference_logps, precompute_reference
+    from fineray.train.reference import (
+        needs_precomputed_reference,
+        pair_reference_logps,
+        precompute_reference,
+    )
 
     cfg = load_config(None, ["model.base=tiny:llama", "method=full", "objective=dpo",
                              "data.train=fineray:support-pairs", "data.validation=fineray:support-pairs/test",

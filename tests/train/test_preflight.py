@@ -67,9 +67,7 @@ def test_estimate_components_follow_the_strategy():
 
 
 def test_known_bad_combinations_are_errors():
-    cfg = load_config(None, ["model.base=tiny:llama", "method=qlora", "scaling.use_gpu=true"])
-    cfg.train.strategy = "deepspeed"  # the config validator refuses this too; the plan must say why
-    assert ("error", "method/train.strategy") in _levels(cfg)
+    # (QLoRA with DeepSpeed is refused when the config loads: tests/train/test_config.py)
     assert ("error", "method") in _levels(load_config(None, ["model.base=tiny:llama", "method=qlora"]))
     assert ("warning", "method") in _levels(load_config(None, ["model.base=tiny:llama", "method=dora"]))
     assert ("error", "train.fast.packing_attention") in _levels(load_config(
@@ -103,3 +101,16 @@ def test_unknown_model_has_no_estimate_but_still_checks():
     plan = plan_run(load_config(None, ["model.base=/nonexistent/model"]))
     assert plan.estimate is None and any(f.key == "model.base" for f in plan.findings)
     assert "checks:" in format_plan(plan)
+
+
+def test_a_missing_or_broken_deepspeed_file_is_an_error(tmp_path):
+    # Prepare
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"zero_optimization": \n')
+    base = ["model.base=tiny:llama", "train.strategy=deepspeed"]
+    # Execute
+    missing = plan_run(load_config(None, [*base, f"train.deepspeed.config_file={tmp_path}/nope.json"]))
+    bad = plan_run(load_config(None, [*base, f"train.deepspeed.config_file={broken}"]))
+    # Assert
+    assert not missing.ok and any("cannot read" in f.message and "nope.json" in f.message for f in missing.findings)
+    assert not bad.ok and any(f"{broken}:2 is not a JSON file" in f.message for f in bad.findings)

@@ -8,15 +8,9 @@ import torch
 
 from fineray.train.config import load_config
 from fineray.train.session import LocalSession
-from fineray.train.strategies import (
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    Strategy,
-    consolidate_checkpoint,
-    deepspeed_config,
-    fsdp_units,
-    make_strategy,
-)
+from fineray.train.strategies import Strategy, make_strategy
+from fineray.train.strategy_deepspeed import DeepSpeedStrategy, deepspeed_config
+from fineray.train.strategy_fsdp import FSDPStrategy, consolidate_checkpoint, fsdp_units
 
 BASE = ["model.base=tiny:llama", "train.batch_size=4", "train.lr=3e-3", "data.validation=null", "lora.r=4",
         "lora.dropout=0", "data.max_examples=64", "train.scheduler=constant", "train.warmup_ratio=0"]
@@ -24,31 +18,31 @@ BASE = ["model.base=tiny:llama", "train.batch_size=4", "train.lr=3e-3", "data.va
 
 def test_strategy_selection():
     s = LocalSession("/tmp/unused")
-    assert type(make_strategy(load_config(None, BASE), s)) is Strategy
-    assert isinstance(make_strategy(load_config(None, BASE + ["train.strategy=fsdp"]), s), FSDPStrategy)
-    assert isinstance(make_strategy(load_config(None, BASE + ["train.strategy=deepspeed"]), s), DeepSpeedStrategy)
+    assert type(make_strategy(load_config(None, BASE).train, s)) is Strategy
+    assert isinstance(make_strategy(load_config(None, BASE + ["train.strategy=fsdp"]).train, s), FSDPStrategy)
+    assert isinstance(make_strategy(load_config(None, BASE + ["train.strategy=deepspeed"]).train, s), DeepSpeedStrategy)
 
 
 def test_deepspeed_config_per_stage_and_user_merge(tmp_path: Path):
     z2 = deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed", "train.deepspeed.stage=2",
-                                                     "train.grad_accum=3"]), world_size=2, use_gpu=True)
+                                                     "train.grad_accum=3"]).train, world_size=2, use_gpu=True)
     assert z2["zero_optimization"]["stage"] == 2 and "stage3_gather_16bit_weights_on_model_save" not in \
         z2["zero_optimization"]
     assert (z2["train_micro_batch_size_per_gpu"], z2["gradient_accumulation_steps"], z2["train_batch_size"]) == \
         (4, 3, 24)
     assert z2["bf16"]["enabled"] and not z2["fp16"]["enabled"] and z2["gradient_clipping"] == 1.0
     z3 = deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed", "train.deepspeed.offload_optimizer=true",
-                                                     "train.deepspeed.offload_params=true"]), 4, use_gpu=True)
+                                                     "train.deepspeed.offload_params=true"]).train, 4, use_gpu=True)
     zo = z3["zero_optimization"]
     assert zo["stage"] == 3 and zo["stage3_gather_16bit_weights_on_model_save"] is True
     assert zo["offload_optimizer"]["device"] == "cpu" and zo["offload_param"]["device"] == "cpu"
-    assert deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed"]), 2, use_gpu=False)["bf16"] == \
+    assert deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed"]).train, 2, use_gpu=False)["bf16"] == \
         {"enabled": False}
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "train_batch_size": 999,
                                 "steps_per_print": 5}))
     merged = deepspeed_config(load_config(None, BASE + ["train.strategy=deepspeed",
-                                                        f"train.deepspeed.config_file={user}"]), 2, use_gpu=False)
+                                                        f"train.deepspeed.config_file={user}"]).train, 2, use_gpu=False)
     assert merged["zero_optimization"]["reduce_bucket_size"] == 123 and merged["zero_optimization"]["stage"] == 3
     assert merged["steps_per_print"] == 5 and merged["train_batch_size"] == 8  # batch keys follow the run config
 
@@ -139,7 +133,7 @@ def _history(result):
 
 @pytest.fixture(scope="module")
 def ray2(tmp_path_factory, shared_ray):
-    from fineray.cluster.connect import ray_cluster
+    from fineray.base.connect import ray_cluster
 
     with ray_cluster(None, num_cpus=2):
         yield tmp_path_factory.mktemp("ray-strategies")

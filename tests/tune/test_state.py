@@ -48,35 +48,13 @@ def test_snapshot_skips_damaged_state_and_repair_without_snapshot_fails(tmp_path
         repair(str(tmp_path))
 
 
-def test_half_started_ray_processes_are_ended_by_their_gcs_port() -> None:
-    """A failed ray.init leaves its GCS/dashboard running; the retry ends exactly those children."""
-    import subprocess
-    import sys
-
-    from fineray.tune.sweep import _kill_half_started
-
-    # Prepare: two children, one naming the failed cluster's GCS port
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--gcs-address=10.0.0.1:54321"])
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--gcs-address=10.0.0.1:5432"])
-    try:
-        # Execute
-        _kill_half_started(54321)
-        # Assert
-        assert ours.wait(timeout=10) != 0
-        assert other.poll() is None
-    finally:
-        for p in (ours, other):
-            p.kill()
-            p.wait()
-
-
 def test_asha_rungs_survive_a_restore(tmp_path: Path) -> None:
     """Tune does not save scheduler state; PersistentASHA brings its rungs back after `--resume`."""
     from types import SimpleNamespace
 
     from ray.tune.schedulers import TrialScheduler
 
-    from fineray.tune._tune import PersistentASHA
+    from fineray.tune.plugins import PersistentASHA
 
     def make() -> PersistentASHA:
         return PersistentASHA(time_attr="step", metric="val_loss", mode="min", grace_period=2, reduction_factor=2,

@@ -26,8 +26,9 @@ import torch
 
 from fineray.federated._lora import acc_dtype, weighted_mean
 from fineray.federated.strategies.base import AggregateResult, prepare
+from fineray.federated.strategies.registry import AggregationStrategy, register
 
-__all__ = ["OPTIONS", "FedOptState", "aggregate", "load_state", "save_state"]
+__all__ = ["OPTIONS", "FedOptState", "aggregate", "load_state", "register_variant", "save_state"]
 
 #: The hyper-parameters a user may set in ``federated.strategy_options`` (FedAdam and FedYogi).
 OPTIONS = frozenset({"eta", "beta1", "beta2", "tau"})
@@ -120,3 +121,15 @@ def aggregate(
         new_m[key], new_v[key] = m, v
     step = 1 if state is None else state.step + 1
     return AggregateResult(adapter=new_adapter, state=FedOptState(m=new_m, v=new_v, step=step))
+
+
+def register_variant(name: str, optimizer: Literal["adam", "yogi"]) -> AggregationStrategy:
+    """Register `name` as this server optimisation with `optimizer` fixed (the FedAdam and FedYogi modules)."""
+
+    def step(updates: list[dict[str, torch.Tensor]], weights: list[float], **kw: Any) -> AggregateResult:
+        kw.pop("optimizer", None)
+        return aggregate(updates, weights, optimizer=optimizer, **kw)
+
+    step.__doc__ = f"{name} step; keyword arguments as :func:`fedopt.aggregate` (``global_adapter`` required)."
+    return register(AggregationStrategy(name, step, linear=True, options=OPTIONS, save_state=save_state,
+                                        load_state=load_state, paper="arXiv 2003.00295"))

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fineray.rl.config import RewardSpec
+from fineray.rl.rewards import score_completions
 from fineray.train.config import load_config
-from fineray.train.rl.config import RewardSpec
-from fineray.train.rl.rewards import score_completions
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def test_rewards_that_raise_hang_or_crash_are_reported_not_fatal(user_rewards: P
 
 
 def test_grpo_through_ray_train_with_two_workers_resumes(tmp_path: Path, user_rewards: Path, shared_ray):
-    from fineray.train.rl import run_rl
+    from fineray.rl import run_rl
 
     rl = ("rl={num_generations: 4, prompts_per_step: 2, max_new_tokens: 8, eval_prompts: 2, "
           "rollout: {backend: engine}, rewards: [{name: length_penalty, args: {limit: 24, window: 20}}, "
@@ -82,7 +82,7 @@ def test_grpo_through_ray_train_with_two_workers_resumes(tmp_path: Path, user_re
     from fineray.train.registry import AdapterRegistry
 
     lineage = AdapterRegistry(str(tmp_path / "adapters")).get("tiny-grpo").manifest["lineage"]
-    assert lineage["algorithm"] == "grpo" and [r.get("name") for r in lineage["reward_functions"]][0] == "length_penalty"
+    assert lineage["algorithm"] == "grpo" and lineage["reward_functions"][0].get("name") == "length_penalty"
 
     cfg.train.max_steps = 3  # same run name: continues from the step-2 checkpoint
     again = run_rl(cfg, progress=False)

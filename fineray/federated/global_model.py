@@ -1,4 +1,4 @@
-"""Adapter folders, the folded base residual, rank conversion and the exported (servable) adapter.
+"""The federation's global model: adapter folders, the folded base residual, ranks, the exported adapter.
 
 Exact strategies (FedEx-LoRA, FLoRA, FlexLoRA with ``keep_residual``) return a factored residual
 ``B_res @ A_res`` that belongs in the frozen base weight. The federation keeps the running sum of those
@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fineray.cluster.storage import atomic_dir
+from fineray.base.storage import atomic_dir
 from fineray.federated._lora import lora_pairs, scale_lora
 from fineray.federated.strategies.base import BaseDelta
 from fineray.federated.strategies.flexlora import factored_svd, truncate_for_rank
+from fineray.train.config import RunConfig
 
 __all__ = [
     "Residual",
@@ -102,7 +103,7 @@ def read_adapter_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return load_file(str(path / _WEIGHTS)), json.loads((path / _CONFIG).read_text())
 
 
-def initial_adapter(run_cfg: Any, seed: int, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def initial_adapter(run_cfg: RunConfig, seed: int, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The round-0 global adapter: PEFT's own initialisation (``B = 0``) of ``run_cfg``'s LoRA, seeded.
 
     Args:
@@ -245,7 +246,7 @@ def export_peft(adapter: Mapping[str, torch.Tensor], config: Mapping[str, Any], 
     return out, cfg
 
 
-def load_adapter_model(run_cfg: Any, adapter_dir: str | Path, residual: Residual | None = None,
+def load_adapter_model(run_cfg: RunConfig, adapter_dir: str | Path, residual: Residual | None = None,
                        device: str = "cpu") -> tuple[Any, torch.nn.Module]:
     """Tokenizer and eval-mode model ``base (+ residual) + adapter`` for loss evaluation."""
     from peft import PeftModel

@@ -16,8 +16,22 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-__all__ = ["StorageError", "atomic_dir", "open_fs", "is_remote", "join", "atomic_write_bytes", "read_bytes",
-           "upload_dir", "download_dir", "exists", "listdir", "remove_tree", "rename"]
+__all__ = [
+    "StorageError",
+    "atomic_dir",
+    "atomic_file",
+    "atomic_write_bytes",
+    "download_dir",
+    "exists",
+    "is_remote",
+    "join",
+    "listdir",
+    "open_fs",
+    "read_bytes",
+    "remove_tree",
+    "rename",
+    "upload_dir",
+]
 
 
 class StorageError(OSError):
@@ -32,7 +46,7 @@ def is_remote(uri: str) -> bool:
 def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     if not is_remote(uri):
-        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        local = uri.removeprefix("file://")
         return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
     try:
         return pafs.FileSystem.from_uri(uri)
@@ -66,38 +80,27 @@ def atomic_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as f:  # a single PUT: atomic on object stores
             f.write(data)
 
 
 def upload_dir(local_dir: str | Path, fs: pafs.FileSystem, dest: str) -> None:
-    """Copy a local folder's files (recursively) to `dest`."""
-    local_dir = Path(local_dir)
+    """Copy a local folder's files (recursively) to `dest` (`pyarrow.fs.copy_files`, threaded)."""
     fs.create_dir(dest, recursive=True)
-    for p in sorted(local_dir.rglob("*")):
-        if p.is_file():
-            target = f"{dest}/{p.relative_to(local_dir).as_posix()}"
-            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(target) as f:
-                f.write(p.read_bytes())
+    pafs.copy_files(str(Path(local_dir).resolve()), dest, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
 
 
 def download_dir(fs: pafs.FileSystem, src: str, local_dir: str | Path) -> Path:
-    """Copy a folder from storage to a local folder."""
+    """Copy a folder from storage to a local folder (`pyarrow.fs.copy_files`, threaded); returns it."""
     local_dir = Path(local_dir)
-    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-        if info.type == pafs.FileType.File:
-            rel = info.path[len(src.rstrip("/")) + 1:]
-            out = local_dir / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(read_bytes(fs, info.path))
+    local_dir.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(src, str(local_dir.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
 
 
@@ -112,6 +115,19 @@ def rename(fs: pafs.FileSystem, src: str, dest: str) -> None:
         os.rename(src, dest)  # raises if dest is a non-empty dir: no silent overwrite
     else:
         fs.move(src, dest)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path to write (e.g. by a library that takes a file name); on success it
+    replaces `target` in one rename, so readers see the old or the new file; on error it is removed."""
+    target = Path(target)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

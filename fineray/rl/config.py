@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fineray.train.config import ConfigError, RunConfig, format_validation_error
+from fineray.train.config import ConfigError, RunConfig, format_validation_error, repeated
 
 __all__ = ["BUILTIN_REWARDS", "RewardSpec", "RlConfig", "RolloutConfig", "parse_rl_config"]
 
@@ -143,8 +143,7 @@ class RlConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_labels(self) -> RlConfig:
-        keys = [r.key for r in self.rewards]
-        dup = sorted({k for k in keys if keys.count(k) > 1})
+        dup = repeated([r.key for r in self.rewards])
         if dup:
             raise ValueError(f"reward labels must be distinct (set `label`): {dup}")
         return self
@@ -161,8 +160,7 @@ def parse_rl_config(cfg: RunConfig) -> RlConfig:
     try:
         rl = RlConfig.model_validate(cfg.rl)
     except ValidationError as e:
-        msg = format_validation_error(e, "rl", "rl section")
-        raise ConfigError(msg.replace("\n  ", "\n  rl.")) from None
+        raise ConfigError(format_validation_error(e, "rl", "rl section", section="rl")) from None
     world = cfg.scaling.num_workers
     if rl.prompts_per_step % world:
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of scaling.num_workers={world}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fineray.federated import adapters as ad
+from fineray.federated import global_model as gm
 from fineray.federated.silo import FedHooks
 from fineray.federated.strategies import fedex_lora
 from fineray.federated.wire import WireError, pack_array, pack_tensors, unpack_array, unpack_tensors
@@ -38,13 +38,13 @@ def test_fold_residual_is_exact_and_compressed():
     # Execute
     res = None
     for d in deltas:
-        res = ad.fold_residual(res, d, scaling=2.0)
+        res = gm.fold_residual(res, d, scaling=2.0)
     # Assert: same dense product, rank at most min(out, in) = 6.
     dense = sum(2.0 * (d["m"][0] @ d["m"][1]) for d in deltas)
     b, a = res["m"]
     torch.testing.assert_close(b @ a, dense, atol=1e-5, rtol=1e-5)
     assert b.shape[1] <= 6
-    back = ad.residual_from_tensors(ad.residual_to_tensors(res))
+    back = gm.residual_from_tensors(gm.residual_to_tensors(res))
     assert torch.equal(back["m"][0], b) and torch.equal(back["m"][1], a)
 
 
@@ -54,10 +54,10 @@ def test_rank_conversion_keeps_the_effective_product():
     g = {"m.lora_A.weight": torch.randn(8, 5, generator=gen), "m.lora_B.weight": torch.randn(7, 8, generator=gen)}
     config = {"r": 8, "lora_alpha": 16}
     # Execute
-    silo, silo_cfg = ad.to_silo_rank(g, config, 4)
-    back = ad.from_silo_rank(silo, config, 8)
+    silo, silo_cfg = gm.to_silo_rank(g, config, 4)
+    back = gm.from_silo_rank(silo, config, 8)
     # Assert: s_4 * B4 A4 == s_8 * (first 4 components of B A), and back in global units.
-    s4, s8 = ad.lora_scaling(silo_cfg), ad.lora_scaling(config)
+    s4, s8 = gm.lora_scaling(silo_cfg), gm.lora_scaling(config)
     torch.testing.assert_close(s4 * silo["m.lora_B.weight"] @ silo["m.lora_A.weight"],
                                s8 * g["m.lora_B.weight"][:, :4] @ g["m.lora_A.weight"][:4])
     torch.testing.assert_close(back["m.lora_B.weight"], g["m.lora_B.weight"][:, :4])
@@ -67,21 +67,21 @@ def test_rank_conversion_keeps_the_effective_product():
 def test_exported_adapter_equals_base_plus_residual_plus_adapter(tmp_path: Path):
     # Prepare: a trained-looking tiny adapter and a FedEx-LoRA residual folded into the base.
     cfg = load_config(None, ["model.base=tiny:llama", "lora.r=4", "lora.alpha=8", "lora.dropout=0"])
-    adapter, config = ad.initial_adapter(cfg, seed=0)
+    adapter, config = gm.initial_adapter(cfg, seed=0)
     gen = torch.Generator().manual_seed(2)
     adapter = {k: (torch.randn(v.shape, generator=gen) * 0.2 if ".lora_B." in k else v) for k, v in adapter.items()}
     silos = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in adapter.items()} for _ in range(3)]
-    residual = ad.fold_residual(None, fedex_lora.aggregate(silos, [1.0, 1.0, 2.0]).base_delta,
-                                ad.lora_scaling(config))
-    exported, ex_cfg = ad.export_peft(adapter, config, residual)
+    residual = gm.fold_residual(None, fedex_lora.aggregate(silos, [1.0, 1.0, 2.0]).base_delta,
+                                gm.lora_scaling(config))
+    exported, ex_cfg = gm.export_peft(adapter, config, residual)
     ids = torch.randint(0, 400, (2, 12), generator=gen)
     # Execute
-    _, merged = ad.load_adapter_model(cfg, ad.write_adapter_dir(tmp_path / "g", adapter, config), residual)
-    _, served = ad.load_adapter_model(cfg, ad.write_adapter_dir(tmp_path / "x", exported, ex_cfg), None)
+    _, merged = gm.load_adapter_model(cfg, gm.write_adapter_dir(tmp_path / "g", adapter, config), residual)
+    _, served = gm.load_adapter_model(cfg, gm.write_adapter_dir(tmp_path / "x", exported, ex_cfg), None)
     with torch.no_grad():
         want, got = merged(input_ids=ids).logits, served(input_ids=ids).logits
     # Assert: a plain PEFT folder at a higher rank reproduces W0 + R + s B A.
-    assert ex_cfg["r"] > config["r"] and ad.lora_scaling(ex_cfg) == pytest.approx(ad.lora_scaling(config))
+    assert ex_cfg["r"] > config["r"] and gm.lora_scaling(ex_cfg) == pytest.approx(gm.lora_scaling(config))
     assert {p.name for p in (tmp_path / "x").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     with torch.no_grad(), merged.disable_adapter():

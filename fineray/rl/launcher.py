@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fineray.rl.config import RlConfig, parse_rl_config
 from fineray.train.config import ConfigError, RunConfig
-from fineray.train.rl.config import RlConfig, parse_rl_config
 
 __all__ = ["rollout_backend", "run_rl"]
 
@@ -26,7 +26,7 @@ def rollout_backend(cfg: RunConfig, rl: RlConfig) -> str:
     if cfg.method not in ("lora", "qlora"):
         return "policy"
     if cfg.model.adapter:  # a DoRA (or otherwise unservable) parent adapter stays unservable after training
-        from fineray.serve.adapters import AdapterError, read_lora
+        from fineray.serve.lora_stack import AdapterError, read_lora
         from fineray.train.launcher import resolve_adapter
 
         try:
@@ -40,8 +40,8 @@ def _check_rewards(cfg: RunConfig, rl: RlConfig) -> None:
     """Fail before any worker starts: user functions that do not import, reward models not registered."""
     import os
 
+    from fineray.rl.rewards import load_callable
     from fineray.train.registry import AdapterRegistry, RegistryError
-    from fineray.train.rl.rewards import load_callable
 
     for spec in rl.rewards:
         if spec.function:
@@ -64,8 +64,8 @@ def _services(rl: RlConfig, backend: str) -> Any:
     def start(cfg: RunConfig) -> Iterator[dict[str, Any]]:
         import ray
 
-        from fineray.train.rl._rollout import RolloutWorker
-        from fineray.train.rl.rewards import RewardModelWorker
+        from fineray.rl._rollout import RolloutWorker
+        from fineray.rl.rewards import RewardModelWorker
 
         ro, use_gpu, world = rl.rollout, cfg.scaling.use_gpu, cfg.scaling.num_workers
         threads = ro.threads or (None if use_gpu else _cpus())
@@ -106,8 +106,8 @@ def run_rl(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = Non
         ConfigError: a bad `rl:` section, a reward function that does not load, an unknown reward model.
         TrainingError: the run failed (the message names the root cause).
     """
+    from fineray.rl._loop import rl_worker_entry
     from fineray.train.launcher import plot_curves, run_train
-    from fineray.train.rl._loop import rl_worker_entry
 
     rl = parse_rl_config(cfg)
     backend = rollout_backend(cfg, rl)

@@ -16,18 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from fineray.rl._grpo import group_advantages, policy_loss, token_weights
+from fineray.rl._prompts import PromptItem, build_prompts
+from fineray.rl._rollout import Rollout, adapter_files, engine_generate, policy_generate
+from fineray.rl.config import parse_rl_config
+from fineray.rl.rewards import RewardResult, score_completions
 from fineray.train.batches import epoch_batches
 from fineray.train.checkpoint import LoopState
+from fineray.train.config import RunConfig
 from fineray.train.fastpath import apply_fast_path, make_batch, resolve_fast, to_device
 from fineray.train.logprobs import adapter_disabled, shifted_targets, token_logps
 from fineray.train.loop import make_scheduler, mixed_precision, resume_state, static_metrics, worker_config
 from fineray.train.model import count_parameters, load_for_training, pick_dtype
 from fineray.train.packing import document_ids
-from fineray.train.rl._grpo import group_advantages, policy_loss, token_weights
-from fineray.train.rl._prompts import PromptItem, build_prompts
-from fineray.train.rl._rollout import Rollout, adapter_files, engine_generate, policy_generate
-from fineray.train.rl.config import parse_rl_config
-from fineray.train.rl.rewards import RewardResult, score_completions
 from fineray.train.session import RaySession, Session
 from fineray.train.strategies import make_strategy
 from fineray.train.templates import IGNORE_INDEX, Tokenized
@@ -64,7 +65,7 @@ def policy_batches(seqs: list[Tokenized], advantages: list[float], weights: list
     return out
 
 
-def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_from: str | None = None,
+def rl_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None, resume_from: str | None = None,
             services: dict[str, Any] | None = None) -> LoopState:
     """Run GRPO per `cfg` (`rl:` section) on this worker; returns the final loop state.
 
@@ -83,7 +84,7 @@ def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_
     model = apply_fast_path(model, fast)
     data_stats: dict[str, int] = {}
     train_prompts, val_prompts = build_prompts(cfg, tok, rl.max_new_tokens, data_stats)
-    strategy = make_strategy(cfg, session)
+    strategy = make_strategy(cfg.train, session, base_name=cfg.model.base)
     model, optimizer = strategy.prepare(model)
     model.train()
 
@@ -100,14 +101,12 @@ def rl_loop(cfg: Any, session: Session, adapter_path: str | None = None, resume_
     pad_id = tok.pad_token_id
     ckpt_every = tcfg.checkpoint_every or tcfg.eval_every
 
-    state, ckpt = resume_state(session, resume_from, strategy, model, optimizer, scheduler)
+    state, _ = resume_state(session, resume_from, strategy, model, optimizer, scheduler,
+                            f"GRPO, {len(train_prompts)} train / {len(val_prompts)} val prompts, {per_rank} prompts x "
+                            f"{group} completions per worker per step, rollouts by "
+                            f"{'engine actors' if engine is not None else 'the policy'}, rewards {keys}, "
+                            f"{trainable:,} trainable params, {total_steps} steps")
     static = static_metrics(trainable, total_params, world, total_steps, data_stats)
-    if session.rank == 0:
-        print(f"[fineray] rank0: GRPO, {len(train_prompts)} train / {len(val_prompts)} val prompts, "
-              f"{per_rank} prompts x {group} completions per worker per step, rollouts by "
-              f"{'engine actors' if engine is not None else 'the policy'}, rewards {keys}, "
-              f"{trainable:,} trainable params, {total_steps} steps"
-              + (f", resuming at step {state.step}" if ckpt else ""), flush=True)
 
     def write_ckpt(target: Path) -> None:
         strategy.save(target, model, optimizer, scheduler, state, final=state.step >= total_steps)

@@ -8,7 +8,7 @@ Exports are imported lazily so that config validation does not import Ray or tor
 
 from __future__ import annotations
 
-from fineray._lazy import lazy_exports
+from fineray.base.lazy import lazy_exports
 
 __all__ = [
     "VERIFIERS",

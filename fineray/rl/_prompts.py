@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fineray.train.config import RunConfig
 from fineray.train.data import Example, load_train_val
 from fineray.train.templates import prompt_text
 
@@ -50,7 +51,7 @@ def _item(tokenizer: Any, ex: Example) -> PromptItem | None:
     return PromptItem(prompt, ids, text, reference, columns, ex.source)
 
 
-def build_prompts(cfg: Any, tokenizer: Any, max_new_tokens: int, stats: dict[str, int] | None = None
+def build_prompts(cfg: RunConfig, tokenizer: Any, max_new_tokens: int, stats: dict[str, int] | None = None
                   ) -> tuple[list[PromptItem], list[PromptItem]]:
     """Training and validation prompts; prompts leaving no room for `max_new_tokens` within
     `data.max_seq_len` are dropped and counted."""

@@ -119,7 +119,7 @@ def _load(ref: str, cwd: str | None) -> Callable[..., Any]:
         module = importlib.import_module(target)
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ImportError(f"{ref}: {target} has no callable {name!r}")  # noqa: TRY004 - an import problem
+        raise ImportError(f"{ref}: {target} has no callable {name!r}")  # an import problem
     return fn
 
 

@@ -1,22 +1,21 @@
-"""Objects that live in the sweep's Ray Tune state (pickled with the Tuner, restored by `--resume`).
+"""fineray's Ray Tune plug-ins: the Optuna searcher, the persistent ASHA scheduler and the sweep callback.
 
-They hold only plain data; the live pieces (rich progress bar, trials.jsonl writer) are looked up by sweep id
-in `LIVE`, so a restored Tuner's callback talks to the current driver's progress display.
+They live in the sweep's Ray Tune state (pickled with the Tuner, restored by `--resume`) and hold only plain
+data; the live pieces (rich progress bar, trials.jsonl writer) are looked up by sweep id in `LIVE`, so a
+restored Tuner's callback talks to the current driver's progress display.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from typing import Any
 
 import ray.tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from fineray.cluster import storage
+from fineray.base import storage
 
 __all__ = ["LIVE", "PersistentASHA", "Searcher", "SweepCallback", "trial_dirname", "trial_record"]
 
@@ -54,9 +53,8 @@ class Searcher(OptunaSearch):
 
     def save(self, checkpoint_path: str) -> None:
         """Atomic version of OptunaSearch.save (which truncates the file in place while Tune may copy it)."""
-        tmp = os.path.join(os.path.dirname(checkpoint_path) or ".", f".{uuid.uuid4().hex}.tmp")
-        super().save(tmp)
-        os.replace(tmp, checkpoint_path)
+        with storage.atomic_file(checkpoint_path) as tmp:
+            super().save(str(tmp))
 
 
 class PersistentASHA(ASHAScheduler):

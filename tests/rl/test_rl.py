@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
+from fineray.rl._grpo import group_advantages, policy_loss, token_weights
+from fineray.rl.config import parse_rl_config
+from fineray.rl.rewards import VERIFIERS
 from fineray.train.config import ConfigError, load_config
-from fineray.train.rl._grpo import group_advantages, policy_loss, token_weights
-from fineray.train.rl.config import parse_rl_config
-from fineray.train.rl.rewards import VERIFIERS
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -79,7 +79,7 @@ def test_rl_config_errors_name_the_key():
 
 
 def test_prompts_come_from_supervised_and_prompt_only_records(tmp_path, tiny_tok):
-    from fineray.train.rl._prompts import build_prompts
+    from fineray.rl._prompts import build_prompts
 
     from ..conftest import write_jsonl
 
@@ -94,10 +94,10 @@ def test_prompts_come_from_supervised_and_prompt_only_records(tmp_path, tiny_tok
 
 
 def test_packed_policy_batches_give_the_same_loss_and_gradients():
+    from fineray.rl._loop import policy_batches
     from fineray.train.fastpath import FastPath, apply_fast_path
     from fineray.train.logprobs import token_logps
     from fineray.train.model import load_for_training
-    from fineray.train.rl._loop import policy_batches
     from fineray.train.templates import Tokenized
 
     tok, model = load_for_training(load_config(None, ["model.base=tiny:llama", "lora.r=4", "lora.dropout=0"]))
