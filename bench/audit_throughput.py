@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_support_tickets import make  # noqa: E402 - the quickstart's ticket generator
+from make_support_tickets import make
 
 
 def write_data(folder: Path, n: int, seed: int = 1) -> tuple[Path, Path]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_support_tickets import INSTRUCTION, PRODUCTS, SYSTEM  # noqa: E402
+from make_support_tickets import INSTRUCTION, PRODUCTS, SYSTEM
 
 # Phrasings the quickstart data never uses: production traffic drifted from the training distribution.
 DRIFT_ISSUES = {
@@ -179,7 +179,7 @@ def main() -> None:
                           "train_loss_last": trained["train_loss_last"],
                           "lineage": reg.get(new).manifest["lineage"]}
     print("retrained:", json.dumps(summary["retrain"]), file=sys.stderr, flush=True)
-    _ab(summary, registry, work, old, new, batch_b, t)
+    return _ab(summary, registry, work, old, new, batch_b, t)
 
 
 def _ab(summary: dict, registry: str, work: Path, old: str, new: str, batch_b: list, t: float) -> None:

@@ -49,7 +49,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from train_throughput import SHAPES, _mem, batch_order, build_model, step_clock
+from train_throughput import SHAPES, _mem, batch_order, build_model, step_clock  # noqa: E402
 
 DPO_CASES = {"tiny-dpo": ("tiny", 4, 4, 1), "1b-dpo8": ("1b", 8, 12, 4), "8b-dpo4": ("8b", 4, 12, 4)}
 GRPO_CASES = {"tiny-grpo": ("tiny", 2, 4, 16, 3, 1), "1b-grpo": ("1b", 8, 8, 128, 6, 2)}  # prompts, G, new, steps, warm
@@ -212,9 +212,9 @@ def grpo_prompts(shape: str, n: int, root: Path) -> Path:
 def run_grpo_fineray(case: tuple, device: str, root: Path, backend: str) -> dict[str, Any]:
     import ray
 
-    from fineray.train.config import load_config
     from fineray.rl._loop import rl_loop
     from fineray.rl._rollout import RolloutWorker
+    from fineray.train.config import load_config
     from fineray.train.session import LocalSession
 
     shape, prompts, group, new, steps, warmup = case

@@ -208,14 +208,13 @@ def _result(side: str, name: str, case: Case, docs: list[list[int]], order: list
     tps = tokens / secs if secs > 0 else float("nan")
     used = [docs[i] for b in order[:len(ends)] for i in b]
     fpt = flops_per_token(case.shape, used, case.method)
-    out = {"side": side, "case": name, "shape": case.shape, "batch": case.batch, "lengths": case.lengths,
+    return {"side": side, "case": name, "shape": case.shape, "batch": case.batch, "lengths": case.lengths,
            "method": case.method, "steps_timed": len(timed), "tokens_timed": tokens, "seconds": secs,
            "tokens_per_s": tps, "mfu": fpt * tps / (PEAK_TFLOPS * 1e12), "flops_per_token": fpt,
            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
            "tokens_per_step_mean": tokens / max(1, len(timed)), "steps_run": len(ends), "warmup": w,
            "case_steps": case.steps, **_mem(), **extra,
            "step_ms": [None] + [round(1e3 * (b - a), 2) for a, b in itertools.pairwise(ends)]}  # step 1: no start
-    return out
 
 
 # ------------------------------------------------------------------------------------- naive and strong (HF)

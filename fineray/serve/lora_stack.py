@@ -67,9 +67,9 @@ def read_lora(path: str | Path, key: str = "adapter") -> dict[str, tuple[torch.T
         raise AdapterError(f"adapter {key!r}: cannot read {folder}/adapter_config.json ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterNotServable(f"adapter {key!r} is a {cfg.get('peft_type')} adapter; only LoRA is served")
-    for field, default in _UNSUPPORTED.items():
-        if cfg.get(field, default) not in (default, [], {}):
-            what = "DoRA" if field == "use_dora" else f"{field}={cfg[field]!r}"
+    for option, default in _UNSUPPORTED.items():
+        if cfg.get(option, default) not in (default, [], {}):
+            what = "DoRA" if option == "use_dora" else f"{option}={cfg[option]!r}"
             raise AdapterNotServable(f"adapter {key!r} uses {what}, which this server cannot batch; merge it into "
                                      "its base with `fineray export` and serve the merged model as the base")
     if (folder / "adapter_model.safetensors").is_file():

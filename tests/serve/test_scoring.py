@@ -51,8 +51,8 @@ def test_reward_model_scores_conversations_offline(tmp_path, adapter_dirs, share
     # The same model as a GRPO reward: an actor scores the prompt + completion conversations.
     import ray
 
-    from fineray.train.rl.config import RewardSpec
-    from fineray.train.rl.rewards import RewardModelWorker, score_completions
+    from fineray.rl.config import RewardSpec
+    from fineray.rl.rewards import RewardModelWorker, score_completions
 
     actor = ray.remote(RewardModelWorker).options(num_cpus=0).remote("rm", str(reg.root))
     try:
