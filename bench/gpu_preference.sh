@@ -1,7 +1,10 @@
 #!/bin/bash
-# GPU evidence for issue 14 on one H200 (nvidia-h200), from the repo root, wheels carried in .whl/
-# (bench/make_gpu_bundle.sh .whl && bench/make_gpu_bundle.sh --preference .whl adds trl, datasets, dill,
-# multiprocess). Two calls on the same warm machine (each under the 10-minute command limit):
+# GPU evidence for issue 14 on one H200 (nvidia-h200), from the repo root, wheels carried in .whl/.
+# dpo needs only `bench/make_gpu_bundle.sh strong .whl` (TRL, datasets, pydantic; no Ray). grpo also needs Ray
+# (the rollout engine is a Ray actor): build the full bundle, then add the strong wheels beside it:
+#   bench/make_gpu_bundle.sh .whl && bench/make_gpu_bundle.sh strong /tmp/strong && cp /tmp/strong/*.whl .whl/
+# (check `du -sh .whl` stays under the 64 MiB carry limit). Two calls on the same warm machine (each under the
+# 10-minute command limit):
 #   bash bench/gpu_preference.sh dpo    # fineray DPO vs TRL DPOTrainer + PEFT: 1B then 8B shapes
 #   bash bench/gpu_preference.sh grpo   # GRPO step split: fineray (engine actor, policy) vs TRL GRPOTrainer
 # Results: $OUT/dpo.jsonl, $OUT/grpo.jsonl, logs; the comparison table is printed last.
