@@ -19,17 +19,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def shared_ray():
-    """One private local Ray (2 CPUs, no dashboard) for the in-process Ray tests of serve, train and tune.
+    """One private local Ray (2 CPUs, with the dashboard) for the in-process Ray tests of serve, train and tune.
 
     Starting Ray costs ~10 s on this 2-core machine; fineray's components reuse an initialised Ray and shut
     down only what they started, so modules can share it. A test that stops it (`no_ray`) only makes later
-    users start their own again, as they would without this fixture.
+    users start their own again, as they would without this fixture. The dashboard is on as in a sweep's own
+    cluster (`fineray.tune.sweep._ray`): without it Train V2's PlacementGroupCleaner cannot see a stopped
+    trial's controller die, the trial's placement group leaks, and a later sweep waits for CPUs forever
+    (CI hung 600 s in the DPO sweep that way).
     """
     import ray
 
     from fineray.base.connect import init_ray, shutdown_ray
 
-    init_ray(None, 2)  # pinned by address: other Ray instances on the machine do not confuse it
+    init_ray(None, 2, dashboard=True)  # pinned by address: other Ray instances on the machine do not confuse it
     yield
     if ray.is_initialized():
         shutdown_ray()

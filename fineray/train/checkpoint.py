@@ -106,10 +106,12 @@ def load_checkpoint(ckpt: str | os.PathLike, model: torch.nn.Module, optimizer: 
         result = set_peft_model_state_dict(m, weights)
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"checkpoint {ckpt}: adapter keys do not match the model: {result.unexpected_keys[:3]}")
-    else:
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        load_sharded_checkpoint(m, str(ckpt / "model"), strict=False) if not (
-            ckpt / "model" / "model.safetensors").exists() else m.load_state_dict(
-            load_file(ckpt / "model" / "model.safetensors"), strict=False)
+    else:  # save_pretrained's files: model.safetensors, or shards model-0000k-of-0000n.safetensors
+        files = sorted((ckpt / "model").glob("*.safetensors"))
+        if not files:
+            raise RuntimeError(f"checkpoint {ckpt}: neither adapter/ nor model/*.safetensors")
+        weights: dict[str, torch.Tensor] = {}
+        for f in files:
+            weights.update(load_file(f))
+        m.load_state_dict(weights, strict=False)  # tied weights are saved once
     return read_loop_state(ckpt, scheduler, optimizer)

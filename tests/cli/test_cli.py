@@ -1,4 +1,4 @@
-"""The `fineray` CLI end to end on the tiny model (real subprocesses), and its error messages."""
+"""The `fineray` CLI end to end on the tiny model (real subprocesses), and its error messages (in-process)."""
 
 import json
 import os
@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli.runner import invoke
 
 FINERAY = [sys.executable, "-m", "fineray.cli"]
 
@@ -55,22 +57,22 @@ def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path):
 
 def test_bad_inputs_give_clear_errors(tmp_path: Path):
     (tmp_path / "broken.yaml").write_text("train:\n  lr: [1\n")
-    p = run("train", "broken.yaml", cwd=tmp_path, check=False)
+    p = invoke("train", "broken.yaml", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "broken YAML at" in p.stderr and "broken.yaml:" in p.stderr
 
     (tmp_path / "typo.yaml").write_text("train:\n  lrr: 1\n")
-    p = run("train", "typo.yaml", cwd=tmp_path, check=False)
+    p = invoke("train", "typo.yaml", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "train.lrr: unknown key" in p.stderr
 
-    p = run("train", "missing.yaml", cwd=tmp_path, check=False)
+    p = invoke("train", "missing.yaml", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "config file not found" in p.stderr
 
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": broken}\n')
     (tmp_path / "data.yaml").write_text("model: {base: 'tiny:llama'}\ndata: {train: bad.jsonl}\n")
-    p = run("train", "data.yaml", "--no-progress", cwd=tmp_path, check=False)
+    p = invoke("train", "data.yaml", "--no-progress", cwd=tmp_path, check=False)
     assert p.returncode != 0 and "bad.jsonl:2: invalid JSON" in (p.stderr + p.stdout)
 
-    p = run("adapters", "show", "nope", "--registry", str(tmp_path / "reg"), cwd=tmp_path, check=False)
+    p = invoke("adapters", "show", "nope", "--registry", str(tmp_path / "reg"), cwd=tmp_path, check=False)
     assert p.returncode == 1 and "no adapter named 'nope'" in p.stderr
 
 
@@ -82,8 +84,8 @@ def test_data_a_run_cannot_use_is_refused_before_ray_starts(tmp_path: Path):
     (tmp_path / "small.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 3)
     tiny = ["model.base=tiny:llama", "output.dir=runs", "--no-progress"]
     # Execute
-    latin = run("train", "data.train=latin.jsonl", *tiny, cwd=tmp_path, check=False)
-    small = run("train", "data.train=small.jsonl", "data.validation=null", *tiny, cwd=tmp_path, check=False)
+    latin = invoke("train", "data.train=latin.jsonl", *tiny, cwd=tmp_path, check=False)
+    small = invoke("train", "data.train=small.jsonl", "data.validation=null", *tiny, cwd=tmp_path, check=False)
     # Assert
     assert latin.returncode == 1 and "latin.jsonl:2: not UTF-8 text (byte 0xe9 at column 21)" in latin.stderr
     assert "Traceback" not in latin.stderr
@@ -95,20 +97,20 @@ def test_data_a_run_cannot_use_is_refused_before_ray_starts(tmp_path: Path):
 def test_preference_and_rl_commands_give_clear_errors(tmp_path: Path):
     (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n' * 4)
     (tmp_path / "dpo.yaml").write_text("model: {base: 'tiny:llama'}\nobjective: dpo\ndata: {train: sft.jsonl}\n")
-    p = run("train", "dpo.yaml", "--no-progress", cwd=tmp_path, check=False)
+    p = invoke("train", "dpo.yaml", "--no-progress", cwd=tmp_path, check=False)
     assert p.returncode == 1 and re.search(r"sft\.jsonl:\d: not a preference pair", p.stderr)
 
-    p = run("rl", "dpo.yaml", "objective=sft", "--no-progress", cwd=tmp_path, check=False)
+    p = invoke("rl", "dpo.yaml", "objective=sft", "--no-progress", cwd=tmp_path, check=False)
     assert p.returncode == 1 and "no `rl:` section" in p.stderr
-    p = run("rl", "dpo.yaml", "objective=sft", "rl.rewards=[{name: jsn}]", cwd=tmp_path, check=False)
+    p = invoke("rl", "dpo.yaml", "objective=sft", "rl.rewards=[{name: jsn}]", cwd=tmp_path, check=False)
     assert p.returncode == 1 and "rl.rewards.0" in p.stderr and "unknown built-in reward 'jsn'" in p.stderr
-    p = run("rl", "dpo.yaml", "objective=sft", "rl.rewards=[{function: nope_module:fn}]", cwd=tmp_path, check=False)
+    p = invoke("rl", "dpo.yaml", "objective=sft", "rl.rewards=[{function: nope_module:fn}]", cwd=tmp_path, check=False)
     assert p.returncode == 1 and "cannot load nope_module:fn" in p.stderr
 
-    p = run("generate", "--critique", "missing.yaml", "--input", "sft.jsonl", "--output", "o.jsonl", cwd=tmp_path,
+    p = invoke("generate", "--critique", "missing.yaml", "--input", "sft.jsonl", "--output", "o.jsonl", cwd=tmp_path,
             check=False)
     assert p.returncode == 1 and "config file not found: missing.yaml" in p.stderr
     assert not (tmp_path / "o.jsonl").exists()
 
-    p = run("submit", "dpo.yaml", "--kind", "rl", "--address", "http://127.0.0.1:1", cwd=tmp_path, check=False)
+    p = invoke("submit", "dpo.yaml", "--kind", "rl", "--address", "http://127.0.0.1:1", cwd=tmp_path, check=False)
     assert p.returncode == 1 and "no `rl:` section" in p.stderr

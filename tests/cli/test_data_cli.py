@@ -4,27 +4,10 @@ commands, options and exit codes, without a Python start per call; no model need
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from types import SimpleNamespace
 
-from typer.testing import CliRunner
-
-from fineray.cli import app
+from tests.cli.runner import invoke as run
 from tests.conftest import write_jsonl
-
-
-def run(*args: str, cwd: Path, check: bool = True) -> SimpleNamespace:
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        r = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "NO_COLOR": "1"})
-    finally:
-        os.chdir(old)
-    out = SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
-    if check and r.exit_code != 0:
-        raise AssertionError(f"fineray {' '.join(args)} failed ({r.exit_code}):\n{r.stdout}\n{r.stderr}\n{r.exception}")
-    return out
 
 
 def _files(tmp_path: Path) -> tuple[Path, Path]:

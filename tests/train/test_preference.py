@@ -200,20 +200,30 @@ def test_reward_model_accuracy_rises_on_a_separable_toy_set(tmp_path: Path):
     assert any("score" in k for k in load_file(saved / "adapter_model.safetensors"))  # the head is saved
 
 
-def test_full_fine_tune_dpo_precomputes_the_reference_in_a_local_session(tmp_path: Path):
+def test_full_fine_tune_dpo_precomputes_the_reference_and_resumes_in_a_local_session(tmp_path: Path):
+    """Full fine-tuning has no adapter to disable: the reference log-probs are computed once before step 1; a
+    run resumed from its step-2 checkpoint continues with the same losses (the reference is not the resumed
+    weights)."""
     from fineray.train.loop import train_loop
     from fineray.train.session import LocalSession
 
+    # Prepare
     cfg = load_config(None, ["model.base=tiny:llama", "method=full", "objective=dpo",
                              "data.train=fineray:support-pairs", "data.validation=fineray:support-pairs/val",
-                             "data.max_examples=16", "train.max_steps=3", "train.eval_every=3", "train.batch_size=4",
+                             "data.max_examples=16", "train.max_steps=4", "train.eval_every=2", "train.batch_size=4",
                              "train.eval_batches=1", "train.lr=1e-3"])
+    # Execute
     state = train_loop(cfg, LocalSession(tmp_path / "ck"))
+    resumed = train_loop(cfg, LocalSession(tmp_path / "again", resume_from=str(tmp_path / "ck" / "checkpoint_000002")))
+    # Assert
     first, last = state.history[0], state.history[-1]
     # The reference is the starting model: the first step's implicit rewards are exactly 0.
     assert first["train_reward_margin"] == 0.0 and first["train_kl"] == 0.0
     assert last["val_reward_margin"] != 0.0 and "val_kl" in last
-    assert (tmp_path / "ck" / "checkpoint_000003" / "model").is_dir()
+    assert (tmp_path / "ck" / "checkpoint_000004" / "model").is_dir()
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
+    for key in ("train_loss", "train_reward_margin", "train_kl"):
+        assert [r[key] for r in resumed.history[2:]] == pytest.approx([r[key] for r in state.history[2:]], rel=1e-5)
 
 
 def test_rpo_adds_the_chosen_nll_to_dpo(tiny_tok):
