@@ -1,4 +1,4 @@
-"""Preference objectives on Ray: DPO through Ray Train with 2 workers (metrics, registry lineage), and
+"""Preference objectives on Ray: DPO through Ray Train with 2 workers (metrics, registry lineage, resume), and
 the reference log-probs of a full fine-tune precomputed in a Ray Data pass."""
 
 import json
@@ -12,10 +12,7 @@ from fineray.train.registry import AdapterRegistry
 pytestmark = pytest.mark.integration
 
 
-def test_dpo_through_ray_train_with_two_workers_registers_lineage(tmp_path: Path, shared_ray):
-    """Two Ray Train workers, preference metrics at every report, the adapter registered with its objective.
-    (Resuming a DPO run is checked in-process in test_preference.py; a Ray Train restore is the same for every
-    objective and runs in test_launcher_ray.py.)"""
+def test_dpo_through_ray_train_with_two_workers_resumes_and_registers_lineage(tmp_path: Path, shared_ray):
     from fineray.train.launcher import run_train
 
     cfg = load_config(None, [
@@ -36,6 +33,10 @@ def test_dpo_through_ray_train_with_two_workers_registers_lineage(tmp_path: Path
     assert manifest["kind"] == "adapter" and manifest["lineage"]["objective"] == "dpo"
     assert manifest["hyperparameters"]["dpo"]["beta"] == 0.2 and "val_reward_accuracy" in manifest["metrics"]
 
+    cfg.train.max_steps = 6  # same run name: Ray Train restores the step-4 checkpoint and continues
+    again = run_train(cfg, progress=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert again["steps"] == 6 and [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
 def test_reference_pass_on_ray_data_equals_the_frozen_model(tmp_path: Path, shared_ray, tiny_dir):
