@@ -1,19 +1,14 @@
 """fineray.base.connect: a failed start's processes are ended; a private cluster pins its address, so a fineray
 run works with a second Ray instance on the machine (Ray Train's placement-group cleaner would otherwise fail
-with "Found multiple active Ray instances")."""
+with "Found multiple active Ray instances"; tests/cli/test_cli.py trains beside a second instance)."""
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-from tests.ray_head import start_head, stop_head
 
 
 def test_half_started_ray_processes_are_ended_by_their_gcs_port() -> None:
@@ -33,32 +28,6 @@ def test_half_started_ray_processes_are_ended_by_their_gcs_port() -> None:
         for p in (ours, other):
             p.kill()
             p.wait()
-
-
-@pytest.mark.integration
-def test_training_beside_a_second_ray_instance(tmp_path: Path) -> None:
-    """A tiny 2-worker `fineray train` (its own private cluster) while another Ray head runs on the machine."""
-    # Prepare: a second Ray on other ports (stopped by PID at the end), and a clean environment for the run
-    proc, temp, _ = start_head(token=secrets.token_hex(16), num_cpus=1)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    summary = tmp_path / "summary.json"
-    try:
-        # Execute
-        out = subprocess.run(
-            [sys.executable, "-m", "fineray.cli", "train", "--no-eval", "--no-progress", "--no-data-checks",
-             "--json", str(summary), "model.base=tiny:llama", "scaling.num_workers=2", "cluster.num_cpus=2",
-             "train.max_steps=2", "train.batch_size=2", "train.eval_every=2", "train.eval_batches=1",
-             "train.threads_per_worker=1", "data.max_examples=16", f"output.dir={tmp_path}/runs",
-             f"output.registry={tmp_path}/adapters", "output.name=beside"],
-            env=env, capture_output=True, text=True, timeout=400)
-    finally:
-        stop_head(proc, temp)
-    # Assert: the run finished, and nothing in it tripped over the other instance
-    logs = out.stdout + out.stderr
-    assert out.returncode == 0, logs[-4000:]
-    assert "multiple active Ray instances" not in logs
-    assert json.loads(summary.read_text())["steps"] == 2
-    assert (tmp_path / "runs" / "beside" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.integration

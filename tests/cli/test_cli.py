@@ -15,7 +15,9 @@ FINERAY = [sys.executable, "-m", "fineray.cli"]
 
 
 def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    """`fineray ARGS` as a user's shell runs it: no RAY_ADDRESS (this process's pinned test cluster is not theirs)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(COLUMNS="200", NO_COLOR="1")
     p = subprocess.run([*FINERAY, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"fineray {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -23,9 +25,21 @@ def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 
 @pytest.mark.integration
-def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path):
+def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path, shared_ray):
+    """`fineray train` and `fineray eval` as real console-script subprocesses (their own private Ray and model
+    load); the registry commands around them in-process (the same CLI without a Python start each).
+
+    The training runs beside a second Ray instance on the machine (this test process's own): its private
+    cluster pins its address for every process it starts, so Ray Train's placement-group cleaner does not
+    fail with "Found multiple active Ray instances"."""
+    import ray
+
+    from fineray.base.connect import init_ray
+
+    if not ray.is_initialized():  # an earlier test stopped the shared one: start it again as the other instance
+        init_ray(None, 2)
     # Train from a versioned dataset (`fineray data prepare` -> dataset:nums@v1); the adapter records it.
-    run("data", "prepare", str(alpaca_file), "--name", "nums", "--registry", "reg", "--no-progress", cwd=tmp_path)
+    invoke("data", "prepare", str(alpaca_file), "--name", "nums", "--registry", "reg", "--no-progress", cwd=tmp_path)
     cfg = tmp_path / "my.yaml"
     cfg.write_text("model: {base: 'tiny:llama'}\ndata: {train: 'dataset:nums', validation: 0.2}\n"
                    "train: {max_steps: 4, eval_every: 2, batch_size: 4, lr: 0.01}\n"
@@ -36,23 +50,24 @@ def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path):
     summary = json.loads((tmp_path / "out.json").read_text())
     assert summary["steps"] == 4 and summary["registry_ref"] == "cli-run@v1"
     assert "held-out evaluation" in p.stdout and "exact_match" in p.stdout
+    assert "multiple active Ray instances" not in p.stdout + p.stderr
 
-    listing = run("adapters", "list", "--registry", "reg", cwd=tmp_path).stdout
+    listing = invoke("adapters", "list", "--registry", "reg", cwd=tmp_path).stdout
     assert "cli-run@v1" in listing and "tiny:llama" in listing
-    shown = json.loads(run("adapters", "show", "cli-run", "--registry", "reg", cwd=tmp_path).stdout)
+    shown = json.loads(invoke("adapters", "show", "cli-run", "--registry", "reg", cwd=tmp_path).stdout)
     assert shown["hyperparameters"]["lora"]["r"] == 4 and shown["ref"] == "cli-run@v1"
     assert shown["lineage"]["datasets"] == ["nums@v1"] and shown["lineage_chain"] == "cli-run@v1 (data: dataset:nums@v1)"
 
     ev = run("eval", str(cfg), "--adapter", "cli-run", "eval.general_text=null", cwd=tmp_path).stdout
     assert "base" in ev and "tuned" in ev
 
-    run("export", "cli-run", "merged", "--registry", "reg", cwd=tmp_path)
+    invoke("export", "cli-run", "merged", "--registry", "reg", cwd=tmp_path)
     merged = tmp_path / "merged"
     assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
     assert (merged / "tokenizer_config.json").is_file()
 
-    run("adapters", "rm", "cli-run@v1", "--registry", "reg", "--yes", cwd=tmp_path)
-    assert "cli-run@v1" not in run("adapters", "list", "--registry", "reg", cwd=tmp_path).stdout
+    invoke("adapters", "rm", "cli-run@v1", "--registry", "reg", "--yes", cwd=tmp_path)
+    assert "cli-run@v1" not in invoke("adapters", "list", "--registry", "reg", cwd=tmp_path).stdout
 
 
 def test_bad_inputs_give_clear_errors(tmp_path: Path):
