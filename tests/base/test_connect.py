@@ -39,7 +39,7 @@ def test_a_private_cluster_pins_its_address_while_it_is_up() -> None:
 
     # Prepare: this test needs to start the cluster itself
     if ray.is_initialized():
-        ray.shutdown()
+        shutdown_ray()
     before = os.environ.get("RAY_ADDRESS")
     os.environ.pop("RAY_ADDRESS", None)
     try:

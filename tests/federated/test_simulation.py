@@ -4,7 +4,6 @@ sharing its keys in round 2 is recovered); loss falls."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -38,14 +37,18 @@ def _cfg(tmp: Path, **fed):
 
 @pytest.fixture(scope="module")
 def private_ray():
+    """A private Ray with the silo resource. Started and stopped through fineray.base.connect, which pins and
+    unpins RAY_ADDRESS: a plain ray.shutdown() of the shared Ray would leave its dead address pinned, and the
+    next test's ray.init() would wait for that GCS forever."""
     import ray
 
+    from fineray.base.connect import init_ray, shutdown_ray
+
     if ray.is_initialized():  # another module's shared Ray (tests/conftest.py) lacks the silo resource
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, resources={"silo:acme": 1}, include_dashboard=False,
-             logging_level=logging.WARNING)
+        shutdown_ray()
+    init_ray(None, 2, resources={"silo:acme": 1})
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.mark.integration
