@@ -38,6 +38,21 @@ def shared_ray():
         shutdown_ray()
 
 
+@pytest.fixture(autouse=True)
+def _no_dead_ray_address():
+    """After each test: if Ray is down but a private cluster's address is still pinned in RAY_ADDRESS (a test
+    stopped it with a plain `ray.shutdown()`), unpin it, so the next `ray.init()` does not wait for a dead GCS
+    (that hung a test for its whole timeout once)."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and not ray.is_initialized():
+        from fineray.base import connect
+
+        connect._unpin()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The cached tiny:llama model directory (built once, well under a second)."""
