@@ -3,10 +3,12 @@
 # dpo needs only `bench/make_gpu_bundle.sh strong .whl` (TRL, datasets, pydantic; no Ray). grpo also needs Ray
 # (the rollout engine is a Ray actor): build the full bundle, then add the strong wheels beside it:
 #   bench/make_gpu_bundle.sh .whl && bench/make_gpu_bundle.sh strong /tmp/strong && cp /tmp/strong/*.whl .whl/
-# (check `du -sh .whl` stays under the 64 MiB carry limit). Two calls on the same warm machine (each under the
+# (check `du -sh .whl` stays under the 64 MiB carry limit; grpo needs neither DeepSpeed nor bitsandbytes, and the
+# 2026-12-03 run left both out: 47 MiB). Two calls on the same warm machine (each under the
 # 10-minute command limit):
 #   bash bench/gpu_preference.sh dpo    # fineray DPO vs TRL DPOTrainer + PEFT: 1B then 8B shapes
 #   bash bench/gpu_preference.sh grpo   # GRPO step split: fineray (engine actor, policy) vs TRL GRPOTrainer
+#                                       # (HF generate, then transformers continuous batching: trl-cb)
 # Results: $OUT/dpo.jsonl, $OUT/grpo.jsonl, logs; the comparison table is printed last.
 set -u
 part=${1:?dpo|grpo}
@@ -28,7 +30,7 @@ if [ "$part" = dpo ]; then
   done
   python3 bench/preference_throughput.py table "$OUT"/dpo.jsonl
 else
-  for side in engine trl policy; do
+  for side in engine trl policy trl-cb; do
     timeout $(left) python3 bench/preference_throughput.py grpo --cases 1b-grpo --side $side --out "$OUT"/grpo.jsonl \
       >> "$OUT"/grpo.log 2>&1
     grep -h "^RESULT" "$OUT"/grpo.log | tail -1 | cut -c1-300

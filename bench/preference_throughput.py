@@ -22,7 +22,14 @@ Method (issue 14):
     micro-batches of 16 completions, beta 0 (no reference), one update per rollout batch, token-level loss
     (TRL `dapo`), reward = bench_rewards.sevens. fineray: `rl_loop` in this process with one rollout engine
     actor (Ray, 0.5 GPU, the serving engine) or the policy itself (`policy` backend); TRL: GRPOTrainer with
-    `use_vllm=False` (HF generate). Split per step: rollout (generation), reward, train (the rest).
+    `use_vllm=False`: `trl` = HF `generate` (one left-padded batch of all 64 completions), `trl-cb` = transformers'
+    continuous batching (`use_transformers_continuous_batching`), the two non-vLLM generation paths TRL offers.
+  * GRPO timing: step = wall clock between the ends of consecutive optimizer steps after `warmup` (both sides);
+    rollout = generation (fineray: saving the adapter + the engine call, or the policy's `generate`; TRL: its
+    `_generate`), reward = the reward call, train = the rest of the step. gen tok/s = completion tokens / rollout
+    s; tok/s = (prompt + completion) tokens / step s. Peak memory = torch.cuda.max_memory_allocated of the
+    trainer process; with the engine backend the rollout actor's own peak (a second process holding a second
+    copy of the base weights, its static KV slots and CUDA graphs) is reported beside it.
 
 Usage (GPU, one H200; wheels for ray/trl/datasets carried, see bench/make_preference_bundle.sh):
   python bench/preference_throughput.py dpo --cases 1b-dpo8,8b-dpo4 --out $OUT/dpo.jsonl
@@ -53,6 +60,10 @@ from train_throughput import SHAPES, _mem, batch_order, build_model, step_clock 
 
 DPO_CASES = {"tiny-dpo": ("tiny", 4, 4, 1), "1b-dpo8": ("1b", 8, 12, 4), "8b-dpo4": ("8b", 4, 12, 4)}
 GRPO_CASES = {"tiny-grpo": ("tiny", 2, 4, 16, 3, 1), "1b-grpo": ("1b", 8, 8, 128, 6, 2)}  # prompts, G, new, steps, warm
+
+
+def grpo_prompt_len(shape: str) -> int:
+    return 128 if shape != "tiny" else 16
 
 
 # ---------------------------------------------------------------------------------------------------- shared
@@ -203,7 +214,7 @@ def grpo_prompts(shape: str, n: int, root: Path) -> Path:
     g = torch.Generator().manual_seed(1)
     vocab = SHAPES[shape]["vocab_size"]
     path = root / f"prompts-{shape}.jsonl"
-    path.write_text("".join(json.dumps({"prompt": text(torch.randint(4, vocab, (128 if shape != "tiny" else 16,),
+    path.write_text("".join(json.dumps({"prompt": text(torch.randint(4, vocab, (grpo_prompt_len(shape),),
                                                                      generator=g).tolist())}) + "\n"
                             for _ in range(n)))
     return path
@@ -231,32 +242,58 @@ def run_grpo_fineray(case: tuple, device: str, root: Path, backend: str) -> dict
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=4, num_gpus=1 if gpu else 0, include_dashboard=False)
+
+    class MeasuredRolloutWorker(RolloutWorker):
+        def peak_alloc_gib(self) -> float:
+            return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
     actors = []
     if backend == "engine":
-        actors = [ray.remote(RolloutWorker).options(num_gpus=0.5 if gpu else 0, max_concurrency=2).remote(
+        actors = [ray.remote(MeasuredRolloutWorker).options(num_gpus=0.5 if gpu else 0, max_concurrency=2).remote(
             str(model_dir), device=device, max_batch_size=prompts * group)]
     _free(device)
+    ends: list[float] = []
+
+    class Clocked(LocalSession):
+        def progress(self, row: dict[str, Any]) -> None:
+            ends.append(time.perf_counter())  # after the step's metrics (float()): the GPU is in sync
+            super().progress(row)
+
+    engine_mem: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            state = rl_loop(cfg, LocalSession(tmp, device=device), services={"rollout_actors": actors})
+            state = rl_loop(cfg, Clocked(tmp, device=device), services={"rollout_actors": actors})
+        if actors and gpu:
+            try:
+                engine_mem["engine_peak_alloc_gib"] = ray.get(actors[0].peak_alloc_gib.remote(), timeout=60)
+            except Exception as e:  # noqa: BLE001 - keep the timings
+                engine_mem["engine_mem_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     finally:
         for a in actors:
             ray.kill(a)
         if started:
             ray.shutdown()
     rows = [r for r in state.history if "rollout_s" in r][warmup:]
-    split = {k: sum(r[k] for r in rows) / len(rows) for k in ("rollout_s", "reward_s", "train_s")}
+    split = {k: sum(r[k] for r in rows) / len(rows) for k in ("rollout_s", "reward_s")}
+    step = (ends[-1] - ends[warmup - 1]) / len(rows)
+    completion = sum(r["completion_len"] for r in rows) / len(rows)
     return {"bench": "grpo", "side": f"fineray-{backend}", "case": f"{shape}-grpo", "steps_timed": len(rows),
-            "step_s": sum(split.values()), **split, "completion_len": rows[-1]["completion_len"],
-            "reward_last": rows[-1]["reward_mean"], **_mem()}
+            "step_s": step, **split, "train_s": step - split["rollout_s"] - split["reward_s"],
+            **_grpo_tokens(shape, prompts * group, completion, step, split["rollout_s"]),
+            "reward_last": rows[-1]["reward_mean"], **_mem(), **engine_mem}
 
 
-def run_grpo_trl(case: tuple, device: str, root: Path) -> dict[str, Any]:
+def _grpo_tokens(shape: str, n: int, completion_len: float, step_s: float, rollout_s: float) -> dict[str, float]:
+    return {"completion_len": completion_len, "gen_tokens_per_s": n * completion_len / rollout_s,
+            "tokens_per_s": n * (grpo_prompt_len(shape) + completion_len) / step_s}
+
+
+def run_grpo_trl(case: tuple, device: str, root: Path, continuous: bool = False) -> dict[str, Any]:
     import dataclasses
 
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(BENCH))
@@ -275,10 +312,19 @@ def run_grpo_trl(case: tuple, device: str, root: Path) -> dict[str, Any]:
             "num_iterations": 1, "loss_type": "dapo", "use_vllm": False, "learning_rate": 2e-4,
             "lr_scheduler_type": "constant", "warmup_steps": 0, "max_steps": steps, "bf16": device == "cuda",
             "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0, "disable_tqdm": True,
-            "use_cpu": device == "cpu", "gradient_checkpointing": False, "log_completions": False}
+            "use_cpu": device == "cpu", "gradient_checkpointing": False, "log_completions": False,
+            "use_transformers_continuous_batching": continuous}
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    if set(want) - fields:  # a silently dropped setting would change the comparison
+        raise ValueError(f"GRPOConfig lacks {sorted(set(want) - fields)}")
     times: dict[str, list[float]] = {"rollout_s": [], "reward_s": []}
     ends: list[float] = []
+    lengths: list[float] = []
+
+    class Lengths(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
 
     with tempfile.TemporaryDirectory() as tmp:
         want["output_dir"] = tmp
@@ -287,7 +333,7 @@ def run_grpo_trl(case: tuple, device: str, root: Path) -> dict[str, Any]:
                               processing_class=word_tokenizer(SHAPES[shape]["vocab_size"]),
                               peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                      target_modules="all-linear", task_type="CAUSAL_LM"),
-                              callbacks=[step_clock(device, ends, [])])
+                              callbacks=[step_clock(device, ends, []), Lengths()])
         for meth, key in (("_generate", "rollout_s"), ("_calculate_rewards", "reward_s")):
             orig = getattr(trainer, meth)
 
@@ -307,8 +353,11 @@ def run_grpo_trl(case: tuple, device: str, root: Path) -> dict[str, Any]:
     rollout = sum(times["rollout_s"][warmup:warmup + n]) / max(1, n)
     reward = sum(times["reward_s"][warmup:warmup + n]) / max(1, n)
     step = sum(step_s) / max(1, n)
-    out = {"bench": "grpo", "side": "trl", "case": f"{shape}-grpo", "steps_timed": n, "step_s": step,
-           "rollout_s": rollout, "reward_s": reward, "train_s": step - rollout - reward, **_mem()}
+    timed = lengths[warmup:warmup + n]
+    completion = sum(timed) / len(timed) if timed else float("nan")
+    out = {"bench": "grpo", "side": "trl-cb" if continuous else "trl", "case": f"{shape}-grpo", "steps_timed": n,
+           "step_s": step, "rollout_s": rollout, "reward_s": reward, "train_s": step - rollout - reward,
+           **_grpo_tokens(shape, prompts * group, completion, step, rollout), **_mem()}
     del trainer, model
     return out
 
@@ -330,11 +379,15 @@ def table(rows: list[dict[str, Any]]) -> str:
                          f"| {ratio} | {mem} |")
     grpo = [r for r in rows if r.get("bench") == "grpo" and "error" not in r]
     if grpo:
-        lines += ["", "| GRPO case | side | step s | rollout s | reward s | train s | peak alloc GiB (trainer) |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| GRPO case | side | step s | rollout s | reward s | train s | gen tok/s | tok/s | "
+                      "completion len | peak alloc GiB (trainer) | peak alloc GiB (engine actor) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in grpo:
+            eng = f"{r['engine_peak_alloc_gib']:.1f}" if "engine_peak_alloc_gib" in r else ""
             lines.append(f"| {r['case']} | {r['side']} | {r['step_s']:.2f} | {r['rollout_s']:.2f} | "
-                         f"{r['reward_s']:.3f} | {r['train_s']:.2f} | {r.get('peak_alloc_gib', float('nan')):.1f} |")
+                         f"{r['reward_s']:.3f} | {r['train_s']:.2f} | {r.get('gen_tokens_per_s', float('nan')):,.0f} | "
+                         f"{r.get('tokens_per_s', float('nan')):,.0f} | {r.get('completion_len', float('nan')):.1f} | "
+                         f"{r.get('peak_alloc_gib', float('nan')):.1f} | {eng} |")
     lines += [f"error: {r['side']} {r['case']}: {r['error']}" for r in rows if "error" in r]
     return "\n".join(lines)
 
@@ -345,7 +398,7 @@ def main() -> None:
     ap.add_argument("files", nargs="*", help="table: JSONL files to merge")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cases", default=None)
-    ap.add_argument("--side", default="both", help="dpo: fineray | trl | both; grpo: engine,policy,trl (any)")
+    ap.add_argument("--side", default="both", help="dpo: fineray | trl | both; grpo: engine,policy,trl,trl-cb (any)")
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
     ap.add_argument("--workdir", default="/tmp/fineray-pref-bench", help="saved random models and prompts")
     a = ap.parse_args()
@@ -372,7 +425,8 @@ def main() -> None:
                 r = (run_dpo_trl if side == "trl" else run_dpo_fineray)(shape, pairs, steps, warmup, a.device)
             else:
                 case = GRPO_CASES[name]
-                r = run_grpo_trl(case, a.device, root) if side == "trl" else run_grpo_fineray(case, a.device, root, side)
+                r = (run_grpo_trl(case, a.device, root, continuous=side == "trl-cb") if side.startswith("trl")
+                     else run_grpo_fineray(case, a.device, root, side))
         except Exception as e:  # noqa: BLE001 - record OOMs and failures as rows, keep going
             r = {"bench": a.bench, "side": side, "case": name, "error": f"{type(e).__name__}: {str(e)[:400]}", **_mem()}
         r["wall_s"] = round(time.perf_counter() - t0, 1)
