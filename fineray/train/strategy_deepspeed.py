@@ -63,6 +63,17 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed on CPU from JIT-compiling its shared-memory all-reduce op at communicator start.
+
+    Only DeepSpeed's inference all-reduce uses that op (training collectives go through gloo), and building it
+    costs a C++ compiler and ~50 s on a 2-core machine, the first time on every fresh machine.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedStrategy(Strategy):
     """DeepSpeed ZeRO-2/3 (optional CPU offload). DeepSpeed owns gradient accumulation boundaries, clipping
     and the optimizer step; fineray's LR scheduler drives the optimizer's param groups."""
@@ -74,6 +85,8 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         ensure_process_group(self.session.device)
+        if not self.use_gpu:
+            _skip_cpu_shm_comm_build()
         self.ds_config = deepspeed_config(self.tcfg, self.session.world_size, self.use_gpu)
         params = self.trainable(model)
         client = None if "optimizer" in self.ds_config else build_optimizer(self.tcfg, params, self.use_gpu)
