@@ -1,5 +1,6 @@
-"""Preference objectives on Ray: DPO through Ray Train with 2 workers (metrics, registry lineage, resume), and
-the reference log-probs of a full fine-tune precomputed in a Ray Data pass."""
+"""Preference objectives on Ray: DPO through Ray Train with 2 FSDP workers (metrics, both ranks' shards in one
+checkpoint, registry lineage, resume), and the reference log-probs of a full fine-tune precomputed in a Ray Data
+pass."""
 
 import json
 from pathlib import Path
@@ -12,13 +13,17 @@ from fineray.train.registry import AdapterRegistry
 pytestmark = pytest.mark.integration
 
 
-def test_dpo_through_ray_train_with_two_workers_resumes_and_registers_lineage(tmp_path: Path, shared_ray):
+def test_dpo_through_ray_train_with_two_fsdp_workers_resumes_and_registers_lineage(tmp_path: Path, shared_ray):
+    """Also the suite's FSDP run through Ray Train: each Ray Train fit costs ~25 s of process starts here, so
+    the objective and the strategy share one (they are orthogonal: tests/train/test_strategies.py checks DPO
+    under FSDP and ZeRO-3 against DDP in-process, and FSDP's resume with equal losses)."""
     from fineray.train.launcher import run_train
 
     cfg = load_config(None, [
         "model.base=tiny:llama", "objective=dpo", "dpo.beta=0.2", "data.train=fineray:support-pairs",
         "data.validation=fineray:support-pairs/val", "data.max_examples=32", "train.max_steps=4",
         "train.eval_every=2", "train.batch_size=2", "train.eval_batches=2", "train.lr=1e-2", "lora.r=4",
+        "train.strategy=fsdp", "train.fsdp.activation_checkpointing=false",
         "scaling.num_workers=2", "cluster.num_cpus=2", f"output.dir={tmp_path}/runs",
         f"output.registry={tmp_path}/adapters", "output.name=tiny-dpo", "eval.enabled=false"])
     summary = run_train(cfg, progress=False)
@@ -29,6 +34,9 @@ def test_dpo_through_ray_train_with_two_workers_resumes_and_registers_lineage(tm
     assert {"train_reward_accuracy", "train_reward_margin", "train_kl", "train_logp_chosen"} <= set(rows[0])
     assert {"val_loss", "val_reward_accuracy", "val_reward_margin", "val_kl", "val_logp_rejected"} <= set(rows[1])
     assert summary["val_last"]["val_reward_margin"] == rows[-1]["val_reward_margin"]
+    first = min((p for p in (run / "ray").glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    shards = {p.name for p in (first / "shards").iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= shards  # both ranks' shards, merged by Ray Train
     manifest = AdapterRegistry(str(tmp_path / "adapters")).get("tiny-dpo").manifest
     assert manifest["kind"] == "adapter" and manifest["lineage"]["objective"] == "dpo"
     assert manifest["hyperparameters"]["dpo"]["beta"] == 0.2 and "val_reward_accuracy" in manifest["metrics"]
