@@ -25,16 +25,19 @@ def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 
 @pytest.mark.integration
-def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path, shared_ray):
-    """`fineray train` and `fineray eval` as real console-script subprocesses (their own private Ray and model
-    load); the registry commands around them in-process (the same CLI without a Python start each).
+def test_train_resume_list_show_eval_export(tmp_path: Path, alpaca_file: Path, shared_ray):
+    """The main path end to end: `fineray train` as a real console-script subprocess (its own private Ray, two
+    Ray Train workers, held-out eval, registry), then the same run name again in-process (Ray Train resumes its
+    latest checkpoint), and the registry, eval and export commands around them (in-process: the same CLI without
+    a Python start each).
 
-    The training runs beside a second Ray instance on the machine (this test process's own): its private
+    The first training runs beside a second Ray instance on the machine (this test process's own): its private
     cluster pins its address for every process it starts, so Ray Train's placement-group cleaner does not
     fail with "Found multiple active Ray instances"."""
     import ray
 
     from fineray.base.connect import init_ray
+    from fineray.train.registry import AdapterRegistry, sha256_file
 
     if not ray.is_initialized():  # an earlier test stopped the shared one: start it again as the other instance
         init_ray(None, 2)
@@ -42,23 +45,42 @@ def test_train_list_show_eval_export(tmp_path: Path, alpaca_file: Path, shared_r
     invoke("data", "prepare", str(alpaca_file), "--name", "nums", "--registry", "reg", "--no-progress", cwd=tmp_path)
     cfg = tmp_path / "my.yaml"
     cfg.write_text("model: {base: 'tiny:llama'}\ndata: {train: 'dataset:nums', validation: 0.2}\n"
-                   "train: {max_steps: 4, eval_every: 2, batch_size: 4, lr: 0.01}\n"
+                   "train: {max_steps: 6, eval_every: 3, batch_size: 4, lr: 0.01}\n"
+                   "scaling: {num_workers: 2}\nlora: {r: 4}\n"
                    "output: {dir: runs, registry: reg, name: cli-run}\n"
                    f"eval: {{data: {alpaca_file}, max_examples: 3, max_new_tokens: 4, metrics: [exact_match]}}\n")
-    p = run("train", str(cfg), "scaling.num_workers=1", "lora.r=4", "--no-progress", "--json", "out.json",
-            cwd=tmp_path)
+    p = run("train", str(cfg), "--no-progress", "--json", "out.json", cwd=tmp_path)
     summary = json.loads((tmp_path / "out.json").read_text())
-    assert summary["steps"] == 4 and summary["registry_ref"] == "cli-run@v1"
+    assert summary["steps"] == 6 and summary["registry_ref"] == "cli-run@v1"
+    assert summary["train_loss_last"] < summary["train_loss_first"]
     assert "held-out evaluation" in p.stdout and "exact_match" in p.stdout
     assert "multiple active Ray instances" not in p.stdout + p.stderr
+    run_dir = tmp_path / "runs" / "cli-run"
+    assert {"adapter", "config.yaml", "metrics.jsonl", "loss.png", "summary.json"} <= {x.name for x in run_dir.iterdir()}
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and "val_loss" in rows[2]
+    saved = json.loads((run_dir / "summary.json").read_text())
+    for key in ("wall_s", "tokens_per_s", "val_loss", "base_metrics", "tuned_metrics"):
+        assert key in saved
+    assert saved["tuned_metrics"]["n"] == 3 and "exact_match" in saved["tuned_metrics"]
+    assert len([x for x in (run_dir / "ray").glob("checkpoint_*") if x.is_dir()]) == 2  # num_to_keep=2
+    reg = AdapterRegistry(str(tmp_path / "reg"))
+    v1 = reg.get("cli-run")
+    assert reg.verify(v1.ref) == [] and v1.manifest["method"] == "lora"
+    assert v1.manifest["files"]["adapter_model.safetensors"] == sha256_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+    # Same run name, more steps: Ray Train V2 restores the latest checkpoint (step 6) and continues.
+    invoke("train", str(cfg), "train.max_steps=8", "eval.enabled=false", "--no-progress", cwd=tmp_path)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][-3:] == [6, 7, 8] and reg.get("cli-run").version == 2
 
     listing = invoke("adapters", "list", "--registry", "reg", cwd=tmp_path).stdout
-    assert "cli-run@v1" in listing and "tiny:llama" in listing
-    shown = json.loads(invoke("adapters", "show", "cli-run", "--registry", "reg", cwd=tmp_path).stdout)
+    assert "cli-run@v1" in listing and "cli-run@v2" in listing and "tiny:llama" in listing
+    shown = json.loads(invoke("adapters", "show", "cli-run@v1", "--registry", "reg", cwd=tmp_path).stdout)
     assert shown["hyperparameters"]["lora"]["r"] == 4 and shown["ref"] == "cli-run@v1"
     assert shown["lineage"]["datasets"] == ["nums@v1"] and shown["lineage_chain"] == "cli-run@v1 (data: dataset:nums@v1)"
 
-    ev = run("eval", str(cfg), "--adapter", "cli-run", "eval.general_text=null", cwd=tmp_path).stdout
+    ev = invoke("eval", str(cfg), "--adapter", "cli-run", "eval.general_text=null", cwd=tmp_path).stdout
     assert "base" in ev and "tuned" in ev
 
     invoke("export", "cli-run", "merged", "--registry", "reg", cwd=tmp_path)
