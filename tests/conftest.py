@@ -17,6 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def start_shared_ray() -> None:
+    """Start the shared test Ray (pinned by address: other Ray instances on the machine do not confuse it).
+    `silo:acme` is the custom resource the federated simulation places a silo with (no one else asks for it)."""
+    from fineray.base.connect import init_ray
+
+    init_ray(None, 2, dashboard=True, resources={"silo:acme": 1})
+
+
 @pytest.fixture(scope="session")
 def shared_ray():
     """One private local Ray (2 CPUs, with the dashboard) for the in-process Ray tests of serve, train and tune.
@@ -26,13 +34,14 @@ def shared_ray():
     users start their own again, as they would without this fixture. The dashboard is on as in a sweep's own
     cluster (`fineray.tune.sweep._ray`): without it Train V2's PlacementGroupCleaner cannot see a stopped
     trial's controller die, the trial's placement group leaks, and a later sweep waits for CPUs forever
-    (CI hung 600 s in the DPO sweep that way).
+    (CI hung 600 s in the DPO sweep that way). Tests must not stop it: every later user would then start
+    (and stop) a cluster of its own, ~10 s each.
     """
     import ray
 
-    from fineray.base.connect import init_ray, shutdown_ray
+    from fineray.base.connect import shutdown_ray
 
-    init_ray(None, 2, dashboard=True)  # pinned by address: other Ray instances on the machine do not confuse it
+    start_shared_ray()
     yield
     if ray.is_initialized():
         shutdown_ray()

@@ -37,8 +37,9 @@ def test_a_private_cluster_pins_its_address_while_it_is_up() -> None:
 
     from fineray.base.connect import init_ray, shutdown_ray
 
-    # Prepare: this test needs to start the cluster itself
-    if ray.is_initialized():
+    # Prepare: this test needs to start the cluster itself (a shared test Ray that is up comes back after)
+    shared = ray.is_initialized()
+    if shared:
         shutdown_ray()
     before = os.environ.get("RAY_ADDRESS")
     os.environ.pop("RAY_ADDRESS", None)
@@ -57,3 +58,7 @@ def test_a_private_cluster_pins_its_address_while_it_is_up() -> None:
             shutdown_ray()
         if before is not None:
             os.environ["RAY_ADDRESS"] = before
+        if shared:
+            from tests.conftest import start_shared_ray
+
+            start_shared_ray()

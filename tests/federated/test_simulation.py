@@ -35,24 +35,8 @@ def _cfg(tmp: Path, **fed):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def private_ray():
-    """A private Ray with the silo resource. Started and stopped through fineray.base.connect, which pins and
-    unpins RAY_ADDRESS: a plain ray.shutdown() of the shared Ray would leave its dead address pinned, and the
-    next test's ray.init() would wait for that GCS forever."""
-    import ray
-
-    from fineray.base.connect import init_ray, shutdown_ray
-
-    if ray.is_initialized():  # another module's shared Ray (tests/conftest.py) lacks the silo resource
-        shutdown_ray()
-    init_ray(None, 2, resources={"silo:acme": 1})
-    yield
-    shutdown_ray()
-
-
 @pytest.mark.integration
-def test_three_silo_simulation_lowers_global_validation_loss(tmp_path: Path, private_ray, monkeypatch, capsys):
+def test_three_silo_simulation_lowers_global_validation_loss(tmp_path: Path, shared_ray, monkeypatch, capsys):
     # Prepare: secure aggregation (majority threshold: 2 of 3); in round 2 initech's actor fails after it
     # shared its keys, before it sends its masked vector (a class defined here travels to Ray by value).
     class DropsInRound2(SiloWorker):
@@ -98,7 +82,7 @@ def test_three_silo_simulation_lowers_global_validation_loss(tmp_path: Path, pri
 
 
 @pytest.mark.integration
-def test_networked_silo_trains_a_round_with_ray_train_and_the_federated_hooks(tmp_path: Path, private_ray):
+def test_networked_silo_trains_a_round_with_ray_train_and_the_federated_hooks(tmp_path: Path, shared_ray):
     # Prepare: the networked silo's default trainer, Ray Train (one worker, built by train.launcher.make_trainer),
     # with FFA-LoRA's frozen A and FedProx's proximal gradient applied inside the worker.
     cfg = _cfg(tmp_path)
@@ -119,7 +103,7 @@ def test_networked_silo_trains_a_round_with_ray_train_and_the_federated_hooks(tm
 
 
 @pytest.mark.integration
-def test_silo_needing_an_unadvertised_resource_fails_fast(tmp_path: Path, private_ray):
+def test_silo_needing_an_unadvertised_resource_fails_fast(tmp_path: Path, shared_ray):
     # Prepare
     cfg = _cfg(tmp_path)
     cfg.federated["silos"][1]["resources"] = {"silo:globex": 1}
