@@ -53,7 +53,10 @@ def _start_private(num_cpus: int | None, resources: dict[str, float] | None, das
     port = _free_port()
     address = f"{ray.util.get_node_ip_address()}:{port}"
     renv = dict(runtime_env or {})
-    renv["env_vars"] = {**(renv.get("env_vars") or {}), "RAY_ADDRESS": address}
+    # RAY_ADDRESS pins this cluster for every process it starts. One machine has no node to be preempted:
+    # Ray Train's preemption watcher would be one more actor process per fit (~3 s of CPU each to start).
+    renv["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **(renv.get("env_vars") or {}),
+                        "RAY_ADDRESS": address}
     saved = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:

@@ -229,7 +229,7 @@ def run_train(cfg: RunConfig, *, progress: bool = True, evaluate: bool | None = 
     with ray_cluster(cfg.cluster.address, cfg.cluster.num_cpus):
         from fineray.train._progress import ProgressBoard, watch_progress
 
-        board = ProgressBoard()
+        board = ProgressBoard() if progress else None  # an actor is a Python process (~3 s of CPU to start)
         with contextlib.ExitStack() as stack:
             extra = stack.enter_context(services(cfg)) if services else None
             trainer = make_trainer(cfg, run_dir, adapter_path=adapter_path, board=board, callbacks=callbacks,
