@@ -111,7 +111,10 @@ def dpo_data(shape: str, pairs: int, steps: int) -> tuple[list[tuple[list[int], 
     return data, batch_order(n, pairs, 42)[:steps]
 
 
-def run_dpo_fineray(shape: str, pairs: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
+def run_dpo_fineray(shape: str, pairs: int, steps: int, warmup: int, device: str,
+                    micro_batch_tokens: int | None = None) -> dict[str, Any]:
+    """fineray's DPO loop; `micro_batch_tokens` splits each step's pairs into micro-batches of at most that many
+    tokens (gradient accumulation inside the step: the same update, a smaller activation peak)."""
     from fineray.train import loop, preference
     from fineray.train.config import load_config
     from fineray.train.model import apply_peft
@@ -125,7 +128,8 @@ def run_dpo_fineray(shape: str, pairs: int, steps: int, warmup: int, device: str
         "model.base=tiny:llama", "objective=dpo", "dpo.beta=0.1", "lora.r=16", "lora.alpha=32", "lora.dropout=0",
         f"train.batch_size={pairs}", f"train.max_steps={steps}", "train.lr=2e-4", "train.scheduler=constant",
         "train.warmup_ratio=0", "train.eval_every=1000000", "train.grad_clip=null", "data.validation=null",
-        f"scaling.use_gpu={str(gpu).lower()}", "data.max_seq_len=4096"])
+        f"scaling.use_gpu={str(gpu).lower()}", "data.max_seq_len=4096",
+        *([f"train.micro_batch_tokens={micro_batch_tokens}"] if micro_batch_tokens else [])])
     _free(device)
     model = apply_peft(build_model(shape, device), "lora", cfg.lora)
     items = [Pair(Tokenized(p + c, [IGNORE_INDEX] * len(p) + c), Tokenized(p + r, [IGNORE_INDEX] * len(p) + r), str(i))
@@ -149,7 +153,8 @@ def run_dpo_fineray(shape: str, pairs: int, steps: int, warmup: int, device: str
 
     with tempfile.TemporaryDirectory() as tmp:
         loop.train_loop(cfg, Clocked(tmp, device=device))
-    return _dpo_row("fineray", shape, pairs, data, order, ends, losses, warmup)
+    side = f"fineray-mbt{micro_batch_tokens}" if micro_batch_tokens else "fineray"
+    return _dpo_row(side, shape, pairs, data, order, ends, losses, warmup)
 
 
 def _dpo_row(side: str, shape: str, pairs: int, data: list, order: list[list[int]], ends: list[float],
@@ -398,7 +403,7 @@ def main() -> None:
     ap.add_argument("files", nargs="*", help="table: JSONL files to merge")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cases", default=None)
-    ap.add_argument("--side", default="both", help="dpo: fineray | trl | both; grpo: engine,policy,trl,trl-cb (any)")
+    ap.add_argument("--side", default="both", help="dpo: fineray | fineray-mbtN | trl | both; grpo: engine,policy,trl,trl-cb (any)")
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
     ap.add_argument("--workdir", default="/tmp/fineray-pref-bench", help="saved random models and prompts")
     a = ap.parse_args()
@@ -422,7 +427,11 @@ def main() -> None:
         try:
             if a.bench == "dpo":
                 shape, pairs, steps, warmup = DPO_CASES[name]
-                r = (run_dpo_trl if side == "trl" else run_dpo_fineray)(shape, pairs, steps, warmup, a.device)
+                if side == "trl":
+                    r = run_dpo_trl(shape, pairs, steps, warmup, a.device)
+                else:  # fineray, or fineray-mbtN: micro-batches of at most N tokens
+                    mbt = int(side.removeprefix("fineray-mbt")) if side.startswith("fineray-mbt") else None
+                    r = run_dpo_fineray(shape, pairs, steps, warmup, a.device, mbt)
             else:
                 case = GRPO_CASES[name]
                 r = (run_grpo_trl(case, a.device, root, continuous=side == "trl-cb") if side.startswith("trl")
