@@ -19,7 +19,7 @@ PIP_INDEX_URL_ := $(call pipconf,index-url)
 PIP_EXTRA_INDEX_URL_ := $(call pipconf,extra-index-url)
 PIP_CONSTRAINT_ := $(call pipconf,constraint)
 PIP_CERT_ := $(call pipconf,cert)
-UV_ARGS := --index-strategy unsafe-best-match $(foreach u,$(PIP_FIND_LINKS_),--find-links $(u)) \
+UV_ARGS := --compile-bytecode --index-strategy unsafe-best-match $(foreach u,$(PIP_FIND_LINKS_),--find-links $(u)) \
   $(if $(PIP_INDEX_URL_),--index-url $(PIP_INDEX_URL_)) $(foreach u,$(PIP_EXTRA_INDEX_URL_),--extra-index-url $(u)) \
   $(foreach c,$(PIP_CONSTRAINT_),--constraint $(c))
 UV_ENV := $(if $(PIP_CERT_),SSL_CERT_FILE=$(PIP_CERT_))
