@@ -3,7 +3,7 @@ reward / train) vs TRL's GRPOTrainer without vLLM. Same model, data, order and s
 
 Method (issue 14):
   * Models: random-init Llama shapes (`1b` = Llama-3.2-1B, `8b` = Llama-3-8B, `tiny` for a CPU smoke run; see
-    train_throughput.SHAPES), bf16 on GPU, seed 0, SDPA. LoRA r=16, alpha=32, dropout 0, all linear layers.
+    workload.SHAPES), bf16 on GPU, seed 0, SDPA. LoRA r=16, alpha=32, dropout 0, all linear layers.
   * Tokenizer: a word-level tokenizer over the whole vocabulary (`t<id>` <-> id; <pad> 0, <s> 1, </s> 2,
     <unk> 3), so TRL's text pipeline and fineray see exactly the same token ids. Its chat template is the
     user text itself, so prompts render identically on both sides.
@@ -56,7 +56,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from train_throughput import SHAPES, _mem, batch_order, build_model, step_clock  # noqa: E402
+from workload import SHAPES, batch_order, build_model, peak_memory, step_clock  # noqa: E402
 
 DPO_CASES = {"tiny-dpo": ("tiny", 4, 4, 1), "1b-dpo8": ("1b", 8, 12, 4), "8b-dpo4": ("8b", 4, 12, 4)}
 GRPO_CASES = {"tiny-grpo": ("tiny", 2, 4, 16, 3, 1), "1b-grpo": ("1b", 8, 8, 128, 6, 2)}  # prompts, G, new, steps, warm
@@ -164,7 +164,7 @@ def _dpo_row(side: str, shape: str, pairs: int, data: list, order: list[list[int
     secs = ends[-1] - ends[warmup - 1] if len(ends) > warmup else float("nan")
     return {"bench": "dpo", "side": side, "case": f"{shape}-dpo{pairs}", "steps_timed": len(timed),
             "tokens_per_s": tokens / secs, "step_s": secs / max(1, len(timed)), "loss_first": losses[0],
-            "loss_last": losses[-1], **_mem()}
+            "loss_last": losses[-1], **peak_memory()}
 
 
 def run_dpo_trl(shape: str, pairs: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
@@ -285,7 +285,7 @@ def run_grpo_fineray(case: tuple, device: str, root: Path, backend: str) -> dict
     return {"bench": "grpo", "side": f"fineray-{backend}", "case": f"{shape}-grpo", "steps_timed": len(rows),
             "step_s": step, **split, "train_s": step - split["rollout_s"] - split["reward_s"],
             **_grpo_tokens(shape, prompts * group, completion, step, split["rollout_s"]),
-            "reward_last": rows[-1]["reward_mean"], **_mem(), **engine_mem}
+            "reward_last": rows[-1]["reward_mean"], **peak_memory(), **engine_mem}
 
 
 def _grpo_tokens(shape: str, n: int, completion_len: float, step_s: float, rollout_s: float) -> dict[str, float]:
@@ -362,7 +362,7 @@ def run_grpo_trl(case: tuple, device: str, root: Path, continuous: bool = False)
     completion = sum(timed) / len(timed) if timed else float("nan")
     out = {"bench": "grpo", "side": "trl-cb" if continuous else "trl", "case": f"{shape}-grpo", "steps_timed": n,
            "step_s": step, "rollout_s": rollout, "reward_s": reward, "train_s": step - rollout - reward,
-           **_grpo_tokens(shape, prompts * group, completion, step, rollout), **_mem()}
+           **_grpo_tokens(shape, prompts * group, completion, step, rollout), **peak_memory()}
     del trainer, model
     return out
 
@@ -437,7 +437,7 @@ def main() -> None:
                 r = (run_grpo_trl(case, a.device, root, continuous=side == "trl-cb") if side.startswith("trl")
                      else run_grpo_fineray(case, a.device, root, side))
         except Exception as e:  # noqa: BLE001 - record OOMs and failures as rows, keep going
-            r = {"bench": a.bench, "side": side, "case": name, "error": f"{type(e).__name__}: {str(e)[:400]}", **_mem()}
+            r = {"bench": a.bench, "side": side, "case": name, "error": f"{type(e).__name__}: {str(e)[:400]}", **peak_memory()}
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         rows.append(r)
         print("RESULT " + json.dumps(r), flush=True)
